@@ -1,0 +1,91 @@
+"""The fedhelix ClientApp: one hospital's node in a study.
+
+Each instruction carries the study's training plan; the node loads its own data
+through the contract, trains from the global weights and sends back only the
+*delta* (local minus global) plus aggregate metrics. Raw rows never leave.
+A contract violation raises a one-line :class:`~shared.errors.FedhelixError`
+before anything is computed, so the node replies with that error and no update.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+from flwr.client import Client, ClientApp, NumPyClient
+from flwr.app import Context
+
+from client.site_data import load_for_plan, resolve_site
+from client.trainer import evaluate, train
+from shared.config import SiteConfig
+from shared.errors import DataContractError
+from shared.models import build_model
+from shared.params import NDArrays, get_weights, l2_norm, set_weights, subtract
+from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
+
+log = logging.getLogger("fedhelix.client")
+
+
+def _scalars(metrics: dict) -> dict:
+    """Flower metrics hold scalars only: drop undefined (None) values."""
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+class SiteClient(NumPyClient):
+    """Trains and evaluates the global model on one site's private data."""
+
+    def __init__(self, site: SiteConfig) -> None:
+        self.site = site
+
+    def _setup(self, config: dict, parameters: NDArrays | None = None):
+        plan = TrainingPlan.from_json(str(config[PLAN_KEY]))
+        data = load_for_plan(self.site, plan)
+        model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options)
+        if parameters is not None:
+            set_weights(model, parameters)
+        return plan, data, model
+
+    def get_properties(self, config):
+        """Handshake before round 1: counts and encoded feature names, never values."""
+        plan, data, _ = self._setup(config)
+        return {
+            "site": self.site.name,
+            "n_train": data.n_train,
+            "n_test": data.n_test,
+            "features": json.dumps(list(data.feature_names)),
+            "warnings": json.dumps(list(data.warnings)),
+        }
+
+    def fit(self, parameters, config):
+        plan, data, model = self._setup(config, parameters)
+        server_round = int(config[ROUND_KEY])
+        metrics = train(model, data, plan, server_round)
+        delta = subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
+        if not all(np.isfinite(d).all() for d in delta):
+            raise DataContractError(
+                f"site '{self.site.name}': training diverged in round {server_round} (non-finite update); "
+                "nothing was sent. Fix: lower the study's learning_rate"
+            )
+        norm = l2_norm(delta)
+        log.info("site '%s' round %d: sending delta (L2 norm %.4g) from %d examples", self.site.name, server_round, norm, data.n_train)
+        return delta, data.n_train, _scalars({"site": self.site.name, **metrics, "update_norm": norm})
+
+    def evaluate(self, parameters, config):
+        plan, data, model = self._setup(config, parameters)
+        loss, metrics = evaluate(model, data, plan.task)
+        return loss, data.n_test, _scalars({"site": self.site.name, **metrics})
+
+
+def create_client_app(study_path: str | None = None) -> ClientApp:
+    """Build the ClientApp; ``study_path`` pins the study in simulation (else run config)."""
+
+    def client_fn(context: Context) -> Client:
+        torch.set_num_threads(1)  # tiny models; one thread avoids oversubscribing small hosts
+        return SiteClient(resolve_site(context, study_path)).to_client()
+
+    return ClientApp(client_fn=client_fn)
+
+
+app = create_client_app()

@@ -1,0 +1,45 @@
+"""Find this node's site file and load its data through the contract (cached per process)."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from flwr.app import Context
+
+from shared.config import SiteConfig, load_site, load_study
+from shared.contract import SiteData, load_site_data
+from shared.errors import ConfigError
+from shared.paths import resolve_path
+from shared.plan import TrainingPlan
+
+SITE_CONFIG_KEY = "site-config"  # node config key in deployment: path to the site file
+
+
+def resolve_site(context: Context, study_path: str | None = None) -> SiteConfig:
+    """Deployment: the node's ``site-config``; simulation: the study's site at this partition."""
+    if SITE_CONFIG_KEY in context.node_config:
+        return load_site(resolve_path(str(context.node_config[SITE_CONFIG_KEY])))
+    study_ref = study_path or context.run_config.get("study")
+    if study_ref is None or "partition-id" not in context.node_config:
+        raise ConfigError(f"node has no '{SITE_CONFIG_KEY}' in its node config; start it with --node-config \"{SITE_CONFIG_KEY}='SITE.toml'\"")
+    study = load_study(resolve_path(str(study_ref)))
+    index = int(context.node_config["partition-id"])
+    if index >= len(study.sites):
+        raise ConfigError(f"simulation node {index} has no site in {study.path} ({len(study.sites)} listed)")
+    site = load_site(study.sites[index].config)
+    if site.name != study.sites[index].name:
+        raise ConfigError(f"{study.path}: site '{study.sites[index].name}' points at a site file named '{site.name}'")
+    return site
+
+
+def load_for_plan(site: SiteConfig, plan: TrainingPlan) -> SiteData:
+    """Site data encoded the way the plan says (agreed categories and feature order)."""
+    mtime = Path(site.data.path).stat().st_mtime_ns if Path(site.data.path).exists() else 0
+    return _cached(site, mtime, plan.task, json.dumps(plan.categories, sort_keys=True), tuple(plan.features))
+
+
+@lru_cache(maxsize=8)
+def _cached(site: SiteConfig, _mtime: int, task: str, categories: str, features: tuple[str, ...]) -> SiteData:
+    return load_site_data(site, task, json.loads(categories), list(features) or None)

@@ -1,0 +1,1 @@
+"""fedhelix command line: one program, a command per persona (see ``fedhelix --help``)."""

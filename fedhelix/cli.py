@@ -1,0 +1,35 @@
+"""The ``fedhelix`` program: researcher, consortium-admin and hospital-IT commands."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from client.cli import check_site_command
+from server.cli import simulate_command
+from shared.errors import FedhelixError
+
+app = typer.Typer(
+    name="fedhelix",
+    help="Federated learning across hospitals: data stays at each site, only model updates travel.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("simulate", help="Researchers: run a study as a simulated federation on this machine.")(simulate_command)
+app.command("check-site", help="Hospital IT: check a site's data against the contract (offline).")(check_site_command)
+
+
+def main() -> None:
+    """Entry point: user errors end in one red line and exit code 2, never a traceback."""
+    try:
+        app()
+    except FedhelixError as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {err.line}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The fedhelix ServerApp: plans the study, runs Flower's workflow, writes the results.
+
+Structure: handshake -> initial model -> ``DefaultWorkflow`` over a legacy
+strategy inside a ``LegacyContext``. That is the one path on which Flower 1.42
+can wrap the fit step in SecAgg+ (``DefaultWorkflow(fit_workflow=...)``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import flwr.compat.common.recorddict_compat as compat
+import torch
+from flwr.app import Context
+from flwr.common import parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
+from flwr.serverapp import Grid, ServerApp
+
+from server.grid_tap import TappedGrid
+from server.handshake import handshake
+from server.recorder import RunRecorder
+from server.report import write_reports
+from server.strategy import build_strategy
+from shared.config import StudyConfig, load_study
+from shared.models import build_model
+from shared.params import get_weights, set_weights
+from shared.paths import resolve_path
+from shared.plan import TrainingPlan
+
+log = logging.getLogger("fedhelix.server")
+
+
+def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path) -> dict:
+    """Run one study on ``grid``; always leaves a report, raises if the study failed."""
+    recorder = RunRecorder(out_dir, study.task)
+    tapped = TappedGrid(grid, recorder.observe_reply)
+    status, error, sites = "completed", None, []
+    final_model = None
+    plan = TrainingPlan.from_study(study)
+    try:
+        sites = handshake(tapped, study, plan)
+        recorder.set_sites(sites)
+        features = sites[0].features
+        plan = TrainingPlan.from_study(study, features)
+        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed)
+        strategy = build_strategy(study, plan, get_weights(model), recorder)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=study.rounds), strategy=strategy)
+        DefaultWorkflow()(tapped, legacy)
+        weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
+        set_weights(model, weights)
+        final_model = model
+        torch.save(
+            {"state_dict": model.state_dict(), "features": features, "plan": plan.to_json(), "study": study.name},
+            out_dir / "model.pt",
+        )
+        if len(recorder.rounds) < study.rounds:
+            raise RuntimeError(f"only {len(recorder.rounds)} of {study.rounds} rounds completed")
+    except Exception as err:  # the report must say what happened, then the run fails loudly
+        status, error = "failed", str(err)
+        log.error("study '%s' failed: %s", study.name, err)
+        raise
+    finally:
+        report = write_reports(out_dir, study, plan, sites, recorder, status=status, error=error, has_model=final_model is not None)
+    return report
+
+
+def create_server_app(study_path: str | Path | None = None, out_dir: str | Path | None = None) -> ServerApp:
+    """Build the ServerApp; arguments pin the study and output (else taken from run config)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        study = load_study(resolve_path(study_path or str(context.run_config.get("study", ""))))
+        out = Path(out_dir) if out_dir else resolve_path(str(context.run_config.get("out", "runs"))) / study.name
+        log.info("study '%s': %s, %s model, %s, %d rounds, %d sites -> %s", study.name, study.task, study.model, study.strategy, study.rounds, len(study.sites), out)
+        started = time.time()
+        run_study(grid, context, study, out)
+        log.info("study '%s' finished in %.1f s; report in %s", study.name, time.time() - started, out / "report.html")
+
+    return app
+
+
+app = create_server_app()

@@ -1,0 +1,101 @@
+"""What happened in a run, round by round: per-site metrics, failures, timing.
+
+The recorder is the server's memory of a study. It appends one JSON line per
+completed round to ``metrics.jsonl`` (so progress can be followed live and
+nothing is lost if the run dies) and hands the whole history to the report.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.errors import extract_error_line
+from shared.metrics import PRIMARY
+
+log = logging.getLogger("fedhelix.server")
+
+
+@dataclass
+class SiteInfo:
+    """What a site told the coordinator in the handshake (counts only)."""
+
+    node_id: int
+    name: str
+    n_train: int
+    n_test: int
+    features: list[str]
+    warnings: list[str] = field(default_factory=list)
+
+
+def summarise(per_site: dict[str, dict[str, Any]], weights: dict[str, int]) -> dict[str, dict[str, float]]:
+    """Unweighted mean and example-weighted mean of every metric over the sites that have it."""
+    names = sorted({k for m in per_site.values() for k, v in m.items() if isinstance(v, (int, float)) and k not in ("n",)})
+    mean, weighted = {}, {}
+    for name in names:
+        pairs = [(m[name], weights.get(site, 0)) for site, m in per_site.items() if isinstance(m.get(name), (int, float))]
+        if not pairs:
+            continue
+        values = np.array([p[0] for p in pairs], dtype=float)
+        w = np.array([p[1] for p in pairs], dtype=float)
+        mean[name] = float(values.mean())
+        weighted[name] = float((values * w).sum() / w.sum()) if w.sum() > 0 else float(values.mean())
+    return {"mean": mean, "weighted": weighted}
+
+
+class RunRecorder:
+    """Collects per-round results and writes them as they happen."""
+
+    def __init__(self, out_dir: Path, task: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out_dir / "metrics.jsonl"
+        self.metrics_path.write_text("")
+        self.task = task
+        self.sites: dict[int, SiteInfo] = {}
+        self.rounds: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []
+        self._current: dict[str, Any] = {}
+        self.started = time.time()
+
+    # -- sites --------------------------------------------------------------
+    def set_sites(self, sites: list[SiteInfo]) -> None:
+        self.sites = {s.node_id: s for s in sites}
+
+    def site_name(self, node_id: int) -> str:
+        info = self.sites.get(node_id)
+        return info.name if info else f"node {node_id}"
+
+    # -- events -------------------------------------------------------------
+    def observe_reply(self, message_type: str, server_round: int, node_id: int, error_reason: str) -> None:
+        """A site replied with an error instead of a result: remember who and why."""
+        reason = extract_error_line(error_reason) or error_reason.strip().splitlines()[0][:300]
+        entry = {"round": server_round, "phase": message_type, "site": self.site_name(node_id), "reason": reason}
+        self.failures.append(entry)
+        log.warning("round %s %s: site '%s' failed: %s", server_round, message_type, entry["site"], reason)
+
+    def record_fit(self, server_round: int, per_site: dict[str, dict[str, Any]], rejected: dict[str, str]) -> None:
+        self._current = {"round": server_round, "started": self._current.get("started", time.time())}
+        self._current["fit"] = {"sites": per_site, "rejected": rejected}
+        for site, reason in rejected.items():
+            self.failures.append({"round": server_round, "phase": "train", "site": site, "reason": reason})
+
+    def record_evaluate(self, server_round: int, per_site: dict[str, dict[str, Any]]) -> None:
+        weights = {s.name: s.n_test for s in self.sites.values()}
+        entry = self._current if self._current.get("round") == server_round else {"round": server_round}
+        entry["evaluate"] = {"sites": per_site, **summarise(per_site, weights)}
+        entry["failures"] = [f for f in self.failures if f["round"] == server_round]
+        entry["elapsed_s"] = round(time.time() - self.started, 3)
+        self.rounds.append(entry)
+        self._current = {}
+        with self.metrics_path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+        primary, _ = PRIMARY[self.task]
+        value = entry["evaluate"]["mean"].get(primary)
+        log.info("round %d: mean %s over sites = %s", server_round, primary, f"{value:.4f}" if value is not None else "n/a")

@@ -1,0 +1,182 @@
+"""The study report: ``report.json`` for machines, ``report.html`` (with plots) for people."""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+import shared  # noqa: E402
+from server.recorder import RunRecorder, SiteInfo  # noqa: E402
+from shared.config import StudyConfig  # noqa: E402
+from shared.metrics import PRIMARY  # noqa: E402
+from shared.plan import TrainingPlan  # noqa: E402
+
+METRIC_LABELS = {
+    "c_index": "C-index",
+    "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC",
+    "accuracy": "accuracy",
+    "sensitivity": "sensitivity",
+    "specificity": "specificity",
+    "rmse": "RMSE",
+    "mae": "MAE",
+    "pearson_r": "Pearson r",
+    "loss": "test loss",
+}
+
+
+def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], recorder: RunRecorder, *, status: str, error: str | None, has_model: bool) -> dict[str, Any]:
+    """Everything known about the run as one JSON-ready dict."""
+    last = recorder.rounds[-1]["evaluate"] if recorder.rounds else {"sites": {}, "mean": {}, "weighted": {}}
+    counts = {s.name: {"n_train": s.n_train, "n_test": s.n_test} for s in sites}
+    final_sites = {name: {**counts.get(name, {}), **{k: v for k, v in m.items() if k != "n"}} for name, m in last["sites"].items()}
+    study_block = {k: v for k, v in asdict(study).items() if k not in ("sites", "path", "model_options", "categories")}
+    study_block.update(
+        sites=[s.name for s in study.sites],
+        model_options=asdict(study.model_options),
+        file=str(study.path) if study.path else None,
+    )
+    return {
+        "fedhelix_version": shared.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "status": status,
+        "error": error,
+        "study": study_block,
+        "secure_aggregation": False,
+        "primary_metric": PRIMARY[study.task][0],
+        "sites": {s.name: {"n_train": s.n_train, "n_test": s.n_test, "warnings": s.warnings} for s in sites},
+        "features": plan.features,
+        "rounds": recorder.rounds,
+        "failures": recorder.failures,
+        "final": {"sites": final_sites, "mean": last.get("mean", {}), "weighted": last.get("weighted", {})},
+        "privacy": {s.name: None for s in study.sites},
+        "model": "model.pt" if has_model else None,
+        "timing": {"wall_s": round(time.time() - recorder.started, 2)},
+    }
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_reports(out_dir: Path, study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], recorder: RunRecorder, **kw: Any) -> dict[str, Any]:
+    """Write ``report.json`` and ``report.html`` into ``out_dir``; return the report."""
+    report = build_report(study, plan, sites, recorder, **kw)
+    _atomic_write(Path(out_dir) / "report.json", json.dumps(report, indent=2))
+    _atomic_write(Path(out_dir) / "report.html", render_html(report))
+    return report
+
+
+# --------------------------------------------------------------------------- html
+
+
+def _svg(fig) -> str:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight")
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def _curve(report: dict[str, Any], metric: str) -> str | None:
+    rounds = report["rounds"]
+    if not rounds:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    sites = list(report["sites"]) or sorted({s for r in rounds for s in r["evaluate"]["sites"]})
+    for site in sites:
+        xs = [r["round"] for r in rounds if r["evaluate"]["sites"].get(site, {}).get(metric) is not None]
+        ys = [r["evaluate"]["sites"][site][metric] for r in rounds if r["evaluate"]["sites"].get(site, {}).get(metric) is not None]
+        if xs:
+            ax.plot(xs, ys, marker="o", lw=1, alpha=0.7, label=site)
+    xs = [r["round"] for r in rounds if r["evaluate"]["mean"].get(metric) is not None]
+    ys = [r["evaluate"]["mean"][metric] for r in rounds if r["evaluate"]["mean"].get(metric) is not None]
+    if xs:
+        ax.plot(xs, ys, color="black", lw=2.5, marker="s", label="mean over sites")
+    ax.set_xlabel("round")
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(f"{METRIC_LABELS.get(metric, metric)} on each site's test split")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _svg(fig)
+
+
+def _bars(report: dict[str, Any], metric: str) -> str | None:
+    final = report["final"]["sites"]
+    names = [n for n in final if final[n].get(metric) is not None]
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    values = [final[n][metric] for n in names]
+    bars = ax.bar(names, values, color="#4C72B0")
+    for bar, name in zip(bars, names):
+        ax.annotate(f"{final[name][metric]:.3f}\nn={final[name].get('n_test', '?')}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
+    mean = report["final"]["mean"].get(metric)
+    if mean is not None:
+        ax.axhline(mean, color="black", ls="--", lw=1, label=f"mean {mean:.3f}")
+        ax.legend(fontsize=7)
+    ax.set_ylabel(METRIC_LABELS.get(metric, metric))
+    ax.set_title(f"Final {METRIC_LABELS.get(metric, metric)} per site (test split)")
+    ax.set_ylim(0, max(values) * 1.25 if max(values) > 0 else 1)
+    return _svg(fig)
+
+
+def _table(rows: list[list[Any]], header: list[str]) -> str:
+    def cell(v: Any) -> str:
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """A self-contained page (inline SVG, no external assets) that opens offline."""
+    study, final = report["study"], report["final"]
+    primary = report["primary_metric"]
+    metrics = [m for m in METRIC_LABELS if any(m in s for s in final["sites"].values())]
+    site_rows = [[name, s.get("n_train", ""), s.get("n_test", ""), *[s.get(m, "n/a") if s.get(m) is not None else "n/a" for m in metrics]] for name, s in final["sites"].items()]
+    site_rows.append(["mean over sites", "", "", *[final["mean"].get(m, "n/a") for m in metrics]])
+    site_rows.append(["weighted by n_test", "", "", *[final["weighted"].get(m, "n/a") for m in metrics]])
+    plots = [p for p in (_curve(report, primary), _bars(report, primary), _curve(report, "loss")) if p]
+    failures = _table([[f["round"], f["phase"], f["site"], f["reason"]] for f in report["failures"]], ["round", "phase", "site", "reason"]) if report["failures"] else "<p>None.</p>"
+    status = report["status"]
+    banner = f'<p class="status {status}">Status: <b>{html.escape(status)}</b>' + (f" — {html.escape(report['error'])}" if report.get("error") else "") + "</p>"
+    settings = _table([[k, v] for k, v in study.items() if k not in ("sites",)], ["setting", "value"])
+    privacy = "; ".join(f"{k}: {'not enabled' if v is None else v}" for k, v in report["privacy"].items())
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedhelix report: {html.escape(study['name'])}</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}} .status.completed{{color:#1a7f37}} .status.failed{{color:#c62828}}
+.plots{{display:flex;flex-wrap:wrap;gap:1em}} .plots svg{{max-width:100%;height:auto}}
+</style></head><body>
+<h1>Study <code>{html.escape(study['name'])}</code></h1>
+{banner}
+<p>{html.escape(study['task'])} task, <b>{html.escape(study['model'])}</b> model, <b>{html.escape(study['strategy'])}</b>,
+{study['rounds']} rounds x {study['local_steps']} local steps, {len(report['sites'])} sites.
+Secure aggregation: {'on' if report['secure_aggregation'] else 'off'}. Wall time {report['timing']['wall_s']} s.</p>
+<h2>Final results per site</h2>
+{_table(site_rows, ['site', 'n_train', 'n_test', *[METRIC_LABELS[m] for m in metrics]])}
+<h2>Curves</h2><div class="plots">{''.join(plots)}</div>
+<h2>Failures and refusals</h2>{failures}
+<h2>Privacy</h2><p>{html.escape(privacy)}</p>
+<h2>Settings</h2>{settings}
+<p><small>fedhelix {html.escape(report['fedhelix_version'])}, created {html.escape(report['created'])}.</small></p>
+</body></html>
+"""

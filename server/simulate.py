@@ -1,0 +1,133 @@
+"""Run a study as a simulated federation on this machine (Flower's Simulation Engine).
+
+The researcher's entry point: every site of the study becomes a virtual
+SuperNode running the real ClientApp on its own site file, the real ServerApp
+coordinates them, and progress is shown live while Flower's own log goes to
+``DIR/flower.log``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from shared.config import StudyConfig, load_site, load_study
+from shared.contract import load_site_data
+from shared.errors import FedhelixError
+from shared.flower_env import apply_flower_env
+
+log = logging.getLogger("fedhelix")
+
+CLIENT_APP_REF = "client.app:create_client_app"
+
+
+def preflight(study: StudyConfig) -> list[str]:
+    """Check every site file and its data locally before starting Ray; return one line per site."""
+    lines = []
+    for ref in study.sites:
+        site = load_site(ref.config)
+        if site.name != ref.name:
+            raise FedhelixError(f"{study.path}: site '{ref.name}' points at {ref.config}, whose [site] name is '{site.name}'")
+        data = load_site_data(site, study.task, study.categories)
+        lines.append(f"{site.name}: {data.n_train} train / {data.n_test} test, {len(data.feature_names)} features")
+    return lines
+
+
+def _load_client_app_factory():
+    """Load the ClientApp by reference string, as Flower does (server never imports client)."""
+    import importlib
+
+    module, attr = CLIENT_APP_REF.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def _route_flower_logs(out_dir: Path, verbose: bool) -> logging.Handler:
+    flwr_logger = logging.getLogger("flwr")
+    handler = logging.FileHandler(out_dir / "flower.log", mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    flwr_logger.addHandler(handler)
+    logging.getLogger("fedhelix").addHandler(handler)
+    if not verbose:
+        for h in flwr_logger.handlers:
+            if h is not handler:
+                h.setLevel(logging.ERROR)
+    return handler
+
+
+def simulate(study_path: str | Path, out_dir: str | Path | None = None, *, verbose: bool = False, progress: bool = True, check: bool = True) -> dict:
+    """Run the study; return the report dict. Raises :class:`FedhelixError` on a failed study."""
+    apply_flower_env()
+    study = load_study(study_path)
+    out = Path(out_dir) if out_dir else Path("runs") / study.name
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if check:
+        for line in preflight(study):
+            log.info("site check %s", line)
+
+    # Heavy imports only once the inputs are known to be good.
+    from flwr.simulation import run_simulation
+
+    from server.app import create_server_app
+
+    handler = _route_flower_logs(out, verbose)
+    backend = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(1, min(len(study.sites), os.cpu_count() or 1)), "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": verbose},
+    }
+    stop = threading.Event()
+    watcher = threading.Thread(target=_show_progress, args=(out / "metrics.jsonl", study, stop), daemon=True) if progress else None
+    try:
+        if watcher:
+            watcher.start()
+        run_simulation(
+            server_app=create_server_app(study.path, out),
+            client_app=_load_client_app_factory()(str(study.path)),
+            num_supernodes=len(study.sites),
+            backend_config=backend,
+            verbose_logging=verbose,
+        )
+    except SystemExit as exc:  # Flower exits the process on some failures; keep ours readable
+        log.debug("flower exited with %s", exc.code)
+    except Exception as exc:  # noqa: BLE001 - the report below says what went wrong
+        log.debug("simulation raised: %s", exc)
+    finally:
+        stop.set()
+        if watcher:
+            watcher.join(timeout=5)
+        logging.getLogger("flwr").removeHandler(handler)
+        logging.getLogger("fedhelix").removeHandler(handler)
+    report_path = out / "report.json"
+    if not report_path.exists():
+        raise FedhelixError(f"the simulation ended without a report; see {out / 'flower.log'}")
+    report = json.loads(report_path.read_text())
+    if report["status"] != "completed":
+        raise FedhelixError(f"study '{study.name}' failed: {report['error']} (report: {out / 'report.html'})")
+    return report
+
+
+def _show_progress(metrics_path: Path, study: StudyConfig, stop: threading.Event) -> None:
+    """Follow metrics.jsonl and draw a progress bar with the latest mean metric."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from shared.metrics import PRIMARY
+
+    primary, _ = PRIMARY[study.task]
+    seen = 0
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"), TextColumn("{task.fields[metric]}"), TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task(f"{study.name}", total=study.rounds, metric="starting Flower...")
+        while True:
+            lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []
+            for line in lines[seen:]:
+                entry = json.loads(line)
+                value = entry["evaluate"]["mean"].get(primary)
+                shown = f"mean {primary} {value:.3f}" if value is not None else f"mean {primary} n/a"
+                bar.update(task, completed=entry["round"], metric=shown)
+            seen = len(lines)
+            if stop.is_set() or seen >= study.rounds:
+                break
+            time.sleep(0.3)

@@ -1,0 +1,127 @@
+"""Strategies that aggregate *deltas*, built on Flower's own (legacy) strategies.
+
+Sites send ``local - global``. Before Flower's aggregation runs, each delta is
+checked (finite, right shapes) and turned back into ``global + delta``, so
+FedAvg's weighted mean and FedAdam/FedYogi/FedAdagrad's pseudo-gradient are
+exactly what those strategies expect. We use the legacy ``flwr.server.strategy``
+classes on purpose: Flower 1.42's SecAgg+ workflow only wraps those.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, Strategy
+
+from server.recorder import RunRecorder
+from shared.config import StudyConfig
+from shared.params import NDArrays, add
+from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
+
+log = logging.getLogger("fedhelix.server")
+
+BASES: dict[str, type[FedAvg]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+}
+
+
+class StudyAborted(RuntimeError):
+    """The study cannot continue (too few sites, nothing valid to aggregate)."""
+
+
+def check_delta(delta: NDArrays, reference: NDArrays) -> str | None:
+    """Why an update must be rejected, or ``None`` when it is usable."""
+    if len(delta) != len(reference):
+        return f"wrong number of tensors ({len(delta)}, expected {len(reference)})"
+    for i, (d, r) in enumerate(zip(delta, reference)):
+        if d.shape != r.shape:
+            return f"tensor {i} has shape {d.shape}, expected {r.shape}"
+        if not np.issubdtype(d.dtype, np.floating):
+            return f"tensor {i} has dtype {d.dtype}, expected floating point"
+        if not np.isfinite(d).all():
+            return f"tensor {i} contains NaN or Inf"
+    return None
+
+
+class DeltaAggregationMixin:
+    """Mixed in front of a Flower strategy: delta bookkeeping, validation, recording."""
+
+    recorder: RunRecorder
+    required_sites: int
+    _global: NDArrays
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager):  # noqa: D102
+        self._global = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
+        return super().configure_fit(server_round, parameters, client_manager)  # type: ignore[misc]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list[Any]):  # noqa: D102
+        accepted: list[tuple[ClientProxy, FitRes]] = []
+        per_site: dict[str, dict[str, Any]] = {}
+        rejected: dict[str, str] = {}
+        for proxy, res in results:
+            site = str(res.metrics.get("site", self.recorder.site_name(proxy.node_id)))
+            delta = parameters_to_ndarrays(res.parameters)
+            problem = check_delta(delta, self._global)
+            if problem is not None:
+                rejected[site] = f"update rejected: {problem}"
+                log.warning("round %d: rejected update from site '%s': %s", server_round, site, problem)
+                continue
+            per_site[site] = {**dict(res.metrics), "n": res.num_examples}
+            res.parameters = ndarrays_to_parameters(add(self._global, delta))
+            accepted.append((proxy, res))
+        self.recorder.record_fit(server_round, per_site, rejected)
+        if len(accepted) < self.required_sites:
+            failed = [f"{f['site']}: {f['reason']}" for f in self.recorder.failures if f["round"] == server_round]
+            detail = "; ".join(failed) if failed else "no reason given"
+            raise StudyAborted(
+                f"round {server_round}: only {len(accepted)} of the {self.required_sites} required sites "
+                f"sent a usable update ({detail})"
+            )
+        return super().aggregate_fit(server_round, accepted, failures)  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, results, failures):  # noqa: D102
+        per_site = {}
+        for proxy, res in results:
+            site = str(res.metrics.get("site", self.recorder.site_name(proxy.node_id)))
+            per_site[site] = {k: v for k, v in res.metrics.items() if k != "site"} | {"loss": float(res.loss), "n": res.num_examples}
+        self.recorder.record_evaluate(server_round, per_site)
+        return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
+
+
+def build_strategy(study: StudyConfig, plan: TrainingPlan, initial: NDArrays, recorder: RunRecorder) -> Strategy:
+    """The study's strategy over deltas, configured from the study file."""
+    base = BASES[study.strategy]
+    cls = type(f"Delta{base.__name__}", (DeltaAggregationMixin, base), {})
+    plan_json = plan.to_json()
+
+    def round_config(server_round: int) -> dict[str, Scalar]:
+        return {PLAN_KEY: plan_json, ROUND_KEY: server_round}
+
+    n_sites = len(study.sites)
+    kwargs: dict[str, Any] = dict(
+        fraction_fit=1.0,
+        fraction_evaluate=1.0,
+        min_fit_clients=n_sites,
+        min_evaluate_clients=n_sites,
+        min_available_clients=n_sites,
+        on_fit_config_fn=round_config,
+        on_evaluate_config_fn=round_config,
+        initial_parameters=ndarrays_to_parameters(initial),
+        accept_failures=True,
+    )
+    if study.strategy == "fedprox":
+        kwargs["proximal_mu"] = study.proximal_mu
+    if study.strategy in ("fedadam", "fedyogi", "fedadagrad"):
+        kwargs.update(eta=study.server_learning_rate, eta_l=study.learning_rate)
+    strategy = cls(**kwargs)
+    strategy.recorder = recorder
+    strategy.required_sites = study.required_sites
+    return strategy

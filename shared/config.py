@@ -1,0 +1,297 @@
+"""Study and site files: parsed once at the edge into typed, validated dataclasses.
+
+A *study* file belongs to the consortium admin (task, model, strategy, rounds,
+which sites take part). A *site* file belongs to a hospital's IT team and is the
+only place that knows where the data lives and what its columns mean. Unknown
+keys are errors, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.errors import ConfigError
+
+TASKS = ("binary", "regression", "survival")
+MODELS = ("logistic", "mlp", "cox")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+OPTIMIZERS = ("sgd", "adam")
+MISSING = ("drop", "mean", "none")
+NORMALIZE = ("site", "none")
+# Which model names make sense for which task.
+MODELS_FOR_TASK = {
+    "binary": ("logistic", "mlp"),
+    "regression": ("mlp",),
+    "survival": ("cox", "mlp"),
+}
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Architecture knobs for the model zoo (ignored by the linear models)."""
+
+    hidden: tuple[int, ...] = (64, 32)
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class SiteRef:
+    """A site taking part in a study, and where its site file is (for simulation)."""
+
+    name: str
+    config: Path
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """Everything the coordinator decides about a federated study."""
+
+    name: str
+    task: str
+    model: str
+    rounds: int
+    strategy: str
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    server_learning_rate: float
+    proximal_mu: float
+    seed: int
+    sites: tuple[SiteRef, ...]
+    optimizer: str = "sgd"
+    min_sites: int = 0  # 0 = every listed site must answer each round
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    path: Path | None = None
+
+    @property
+    def required_sites(self) -> int:
+        """Sites that must answer for a round to count."""
+        return self.min_sites or len(self.sites)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """How one site's table maps onto the study's task."""
+
+    path: Path
+    label: str
+    time: str | None = None
+    features: tuple[str, ...] = ()
+    categorical: tuple[str, ...] = ()
+    drop: tuple[str, ...] = ()
+    missing: str = "drop"
+    normalize: str = "site"
+    test_fraction: float = 0.2
+    split_column: str | None = None
+    split_seed: int = 42
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """A hospital's description of its own data."""
+
+    name: str
+    data: DataSpec
+    path: Path | None = None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+class _Section:
+    """Typed reads from one TOML table, with errors that name the file and key."""
+
+    def __init__(self, table: Any, where: str, source: str) -> None:
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: [{where}] must be a table")
+        self._t = dict(table)
+        self._where = where
+        self._source = source
+        self._seen: set[str] = set()
+
+    def _err(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self._source}: [{self._where}] {key}: {problem}")
+
+    def get(self, key: str, kind: type | tuple[type, ...], default: Any = ..., *, choices: tuple[str, ...] = ()) -> Any:
+        self._seen.add(key)
+        if key not in self._t:
+            if default is ...:
+                raise self._err(key, "is required")
+            return default
+        value = self._t[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(value, bool) and bool not in kinds:
+            raise self._err(key, f"expected {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        if not isinstance(value, kinds):
+            raise self._err(key, f"expected {'/'.join(k.__name__ for k in kinds)}, got {value!r}")
+        if choices and value not in choices:
+            raise self._err(key, f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def strings(self, key: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self.get(key, list, list(default))
+        if not all(isinstance(v, str) for v in value):
+            raise self._err(key, "must be a list of strings")
+        return tuple(value)
+
+    def positive(self, key: str, kind: type, default: Any = ...) -> Any:
+        value = self.get(key, kind, default)
+        if value <= 0:
+            raise self._err(key, f"must be > 0, got {value}")
+        return value
+
+    def done(self) -> None:
+        unknown = sorted(set(self._t) - self._seen)
+        if unknown:
+            raise ConfigError(f"{self._source}: [{self._where}] unknown key(s) {', '.join(unknown)} (check the spelling)")
+
+
+def _read_toml(path: Path, kind: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{kind} file {path} not found")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{kind} file {path} is not valid TOML: {err}") from None
+
+
+def _unknown_tables(doc: dict[str, Any], allowed: set[str], source: str) -> None:
+    unknown = sorted(set(doc) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+# --------------------------------------------------------------------------- study
+
+
+def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | None = None) -> StudyConfig:
+    """Validate a parsed study document; relative site paths resolve against ``base_dir``."""
+    _unknown_tables(doc, {"study", "sites", "model", "data"}, source)
+    s = _Section(doc.get("study"), "study", source)
+    if "study" not in doc:
+        raise ConfigError(f"{source}: the [study] section is missing")
+    name = s.get("name", str)
+    task = s.get("task", str, choices=TASKS)
+    model = s.get("model", str, choices=MODELS)
+    if model not in MODELS_FOR_TASK[task]:
+        raise ConfigError(
+            f"{source}: [study] model '{model}' does not fit task '{task}'; use one of {', '.join(MODELS_FOR_TASK[task])}"
+        )
+    study = dict(
+        name=name,
+        task=task,
+        model=model,
+        rounds=s.positive("rounds", int, 5),
+        strategy=s.get("strategy", str, "fedavg", choices=STRATEGIES),
+        local_steps=s.positive("local_steps", int, 100),
+        batch_size=s.positive("batch_size", int, 32),
+        learning_rate=s.positive("learning_rate", float, 0.01),
+        server_learning_rate=s.positive("server_learning_rate", float, 0.1),
+        proximal_mu=s.get("proximal_mu", float, 0.0),
+        seed=s.get("seed", int, 42),
+        optimizer=s.get("optimizer", str, "sgd", choices=OPTIMIZERS),
+        min_sites=s.get("min_sites", int, 0),
+    )
+    if study["proximal_mu"] < 0:
+        raise ConfigError(f"{source}: [study] proximal_mu must be >= 0")
+    s.done()
+
+    m = _Section(doc.get("model", {}), "model", source)
+    hidden = m.get("hidden", list, [64, 32])
+    if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
+        raise ConfigError(f"{source}: [model] hidden must be a non-empty list of positive integers")
+    dropout = m.get("dropout", float, 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"{source}: [model] dropout must be in [0, 1)")
+    m.done()
+
+    d = _Section(doc.get("data", {}), "data", source)
+    raw_categories = d.get("categories", dict, {})
+    d.done()
+    categories: dict[str, tuple[str, ...]] = {}
+    for column, levels in raw_categories.items():
+        if not isinstance(levels, list) or not levels or len(set(map(str, levels))) != len(levels):
+            raise ConfigError(f"{source}: [data.categories] {column} must be a non-empty list of distinct values")
+        categories[column] = tuple(str(v) for v in levels)
+
+    raw_sites = doc.get("sites", [])
+    if not isinstance(raw_sites, list) or not raw_sites:
+        raise ConfigError(f"{source}: list at least one site as [[sites]] with name and config")
+    sites: list[SiteRef] = []
+    for i, raw in enumerate(raw_sites):
+        t = _Section(raw, f"sites #{i + 1}", source)
+        site_name = t.get("name", str)
+        config = Path(t.get("config", str))
+        t.done()
+        if base_dir is not None and not config.is_absolute():
+            config = (base_dir / config).resolve()
+        sites.append(SiteRef(site_name, config))
+    names = [site.name for site in sites]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{source}: duplicate site name(s) {', '.join(duplicates)}; every site needs its own name")
+    if study["min_sites"] < 0 or study["min_sites"] > len(sites):
+        raise ConfigError(f"{source}: [study] min_sites must be between 0 and the {len(sites)} listed sites")
+    return StudyConfig(
+        **study,
+        sites=tuple(sites),
+        model_options=ModelOptions(tuple(hidden), dropout),
+        categories=categories,
+    )
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study file."""
+    path = Path(path).resolve()
+    study = parse_study(_read_toml(path, "study"), source=str(path), base_dir=path.parent)
+    return StudyConfig(**{**study.__dict__, "path": path})
+
+
+# --------------------------------------------------------------------------- site
+
+
+def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None = None) -> SiteConfig:
+    """Validate a parsed site document; the data path resolves against ``base_dir``."""
+    _unknown_tables(doc, {"site", "data"}, source)
+    if "site" not in doc:
+        raise ConfigError(f"{source}: the [site] section is missing")
+    if "data" not in doc:
+        raise ConfigError(f"{source}: the [data] section is missing")
+    s = _Section(doc["site"], "site", source)
+    name = s.get("name", str)
+    s.done()
+    d = _Section(doc["data"], "data", source)
+    data_path = Path(d.get("path", str))
+    if base_dir is not None and not data_path.is_absolute():
+        data_path = (base_dir / data_path).resolve()
+    spec = DataSpec(
+        path=data_path,
+        label=d.get("label", str),
+        time=d.get("time", str, None),
+        features=d.strings("features"),
+        categorical=d.strings("categorical"),
+        drop=d.strings("drop"),
+        missing=d.get("missing", str, "drop", choices=MISSING),
+        normalize=d.get("normalize", str, "site", choices=NORMALIZE),
+        test_fraction=d.get("test_fraction", float, 0.2),
+        split_column=d.get("split_column", str, None),
+        split_seed=d.get("split_seed", int, 42),
+    )
+    d.done()
+    if spec.split_column is None and not 0.0 < spec.test_fraction < 1.0:
+        raise ConfigError(f"{source}: [data] test_fraction must be between 0 and 1 (exclusive)")
+    return SiteConfig(name=name, data=spec)
+
+
+def load_site(path: str | Path) -> SiteConfig:
+    """Read and validate a site file."""
+    path = Path(path).resolve()
+    site = parse_site(_read_toml(path, "site"), source=str(path), base_dir=path.parent)
+    return SiteConfig(name=site.name, data=site.data, path=path)

@@ -1,0 +1,270 @@
+"""The site data contract: read a site's table, check it, split it, encode it.
+
+Everything a hospital's table must satisfy before a single number leaves the
+site is checked here, and every violation ends in one line naming the site, the
+file, the column and the fix (see :func:`shared.errors.site_error`). Nothing in
+this module talks to the network: a site that fails the contract sends nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from shared.config import SiteConfig
+from shared.errors import site_error
+from shared.preprocess import Standardizer, one_hot
+
+log = logging.getLogger("fedhelix.data")
+
+READERS = {".csv": "csv", ".tsv": "tsv", ".txt": "tsv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """A site's data after the contract: float32 features, task targets, fixed split.
+
+    ``y_*`` is the label for binary/regression and ``(time, event)`` columns for survival.
+    """
+
+    site: str
+    feature_names: tuple[str, ...]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    rows_dropped: int = 0
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.x_train.shape[0])
+
+    @property
+    def n_test(self) -> int:
+        return int(self.x_test.shape[0])
+
+
+def read_table(site: SiteConfig) -> pd.DataFrame:
+    """Read the site's CSV/TSV/Parquet file into a frame, or fail with one clear line."""
+    path = site.data.path
+    err = lambda problem, fix: site_error(site.name, str(path), None, problem, fix)  # noqa: E731
+    kind = READERS.get(path.suffix.lower())
+    if kind is None:
+        raise err(f"unsupported file type '{path.suffix}'", "use .csv, .tsv or .parquet")
+    if not path.is_file():
+        raise err("file not found", "check [data] path in the site file (relative paths start at the site file)")
+    try:
+        if kind == "parquet":
+            frame = pd.read_parquet(path)
+        else:
+            frame = pd.read_csv(path, sep="," if kind == "csv" else "\t")
+    except pd.errors.EmptyDataError:
+        raise err("the file is empty", "export the table again with a header row") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise err(f"cannot be parsed ({first})", "export it again as a well-formed table with one header row") from None
+    if frame.empty:
+        raise err("the table has no rows", "point the site file at the table holding the patients")
+    if frame.columns.duplicated().any():
+        dup = frame.columns[frame.columns.duplicated()][0]
+        raise err(f"duplicate column name '{dup}'", "give every column a unique name")
+    return frame
+
+
+def _binary(values: pd.Series) -> bool:
+    present = pd.unique(values.dropna())
+    return len(present) > 0 and set(np.asarray(present, dtype=float).tolist()) <= {0.0, 1.0}
+
+
+def load_site_data(
+    site: SiteConfig,
+    task: str,
+    categories: Mapping[str, Sequence[str]] | None = None,
+    feature_order: Sequence[str] | None = None,
+) -> SiteData:
+    """Apply the whole contract to a site: read, check, split, impute, encode, normalise.
+
+    ``categories`` are the study's agreed levels for categorical columns (never
+    learned from a site, so no site's vocabulary leaks). ``feature_order`` is the
+    study's agreed order of encoded features; when given, the site's columns are
+    put in that order and any difference is an error.
+    """
+    spec = site.data
+    categories = categories or {}
+    source = str(spec.path)
+    frame = read_table(site)
+
+    def err(column: str | None, problem: str, fix: str):
+        return site_error(site.name, source, column, problem, fix)
+
+    def need(column: str, role: str) -> None:
+        if column not in frame.columns:
+            shown = ", ".join(map(str, frame.columns[:8])) + (", ..." if frame.shape[1] > 8 else "")
+            raise err(column, f"{role} column not found (columns: {shown})", f"set [data] {role} to an existing column")
+
+    targets = [spec.label]
+    need(spec.label, "label")
+    if task == "survival":
+        if not spec.time:
+            raise err(None, "a survival study needs a time column", 'set [data] time = "..." in the site file')
+        need(spec.time, "time")
+        targets.append(spec.time)
+    if spec.split_column:
+        need(spec.split_column, "split_column")
+    for column in spec.drop:
+        need(column, "drop")
+
+    reserved = set(targets) | set(spec.drop) | ({spec.split_column} if spec.split_column else set())
+    if spec.features:
+        for column in spec.features:
+            need(column, "features")
+        features = list(spec.features)
+    else:
+        features = [c for c in frame.columns if c not in reserved]
+    if not features:
+        raise err(None, "no feature columns left", "list [data] features or stop dropping every column")
+    for column in spec.categorical:
+        if column not in features:
+            raise err(column, "declared categorical but not a feature column", "fix [data] categorical")
+
+    # ---- types -------------------------------------------------------------
+    for column in features:
+        if column in spec.categorical:
+            if column not in categories:
+                raise err(
+                    column,
+                    "categorical column has no agreed levels",
+                    f"the study file must list them under [data.categories] {column} = [...]",
+                )
+            continue
+        if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
+            example = frame[column].dropna().astype(str).head(1).tolist()
+            raise err(
+                column,
+                f"is not numeric (e.g. {example[0]!r})" if example else "is not numeric",
+                "clean the values or declare it in [data] categorical",
+            )
+    for column in targets:
+        if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
+            raise err(column, "target column is not numeric", "encode it as numbers (event/label 0 or 1)")
+    if task in ("binary", "survival") and not _binary(frame[spec.label]):
+        seen = sorted(map(str, pd.unique(frame[spec.label].dropna())))[:5]
+        role = "event" if task == "survival" else "label"
+        raise err(spec.label, f"{role} must be 0/1, found {', '.join(seen) or 'no values'}", f"recode the {role} as 0 and 1")
+    numeric = [c for c in features if c not in spec.categorical] + targets
+    values = frame[numeric].astype(float)
+    infinite = [c for c in numeric if np.isinf(values[c].to_numpy()).any()]
+    if infinite:
+        raise err(infinite[0], "contains infinite values", "replace them or remove those rows")
+    if task == "survival":
+        negative = int((values[spec.time] < 0).sum())
+        if negative:
+            raise err(spec.time, f"{negative} negative survival time(s)", "times must be >= 0 (days since diagnosis)")
+
+    # ---- missing values ----------------------------------------------------
+    used = features + targets
+    missing = frame[used].isna()
+    warnings: list[str] = []
+    dropped = 0
+    if spec.missing == "none" and missing.to_numpy().any():
+        column = missing.any()[lambda s: s].index[0]
+        raise err(
+            column,
+            f"{int(missing[column].sum())} missing value(s) while missing = \"none\"",
+            'fill them, or set [data] missing = "drop" or "mean"',
+        )
+    drop_mask = missing[targets].any(axis=1) if spec.missing == "mean" else missing.any(axis=1)
+    if drop_mask.any():
+        dropped = int(drop_mask.sum())
+        frame = frame.loc[~drop_mask]
+        warnings.append(f"dropped {dropped} row(s) with missing values")
+
+    # ---- split ---------------------------------------------------------------
+    if spec.split_column:
+        fold = frame[spec.split_column].astype(str).str.strip().str.lower()
+        bad = sorted(set(fold) - {"train", "test"})
+        if bad:
+            raise err(spec.split_column, f"split values must be 'train' or 'test', found {bad[:3]}", "recode the split column")
+        train, test = frame[fold == "train"], frame[fold == "test"]
+    else:
+        stratify = frame[spec.label] if task in ("binary", "survival") else None
+        if stratify is not None and stratify.value_counts().min() < 2:
+            stratify = None
+        try:
+            train, test = train_test_split(
+                frame, test_size=spec.test_fraction, random_state=spec.split_seed, stratify=stratify
+            )
+        except ValueError:
+            train, test = frame.iloc[:0], frame.iloc[:0]
+    for name, part in (("train", train), ("test", test)):
+        if part.empty:
+            raise err(
+                spec.split_column,
+                f"the {name} split is empty ({len(frame)} usable rows)",
+                "add rows, change test_fraction, or fix the split column",
+            )
+    if task in ("binary", "survival") and train[spec.label].nunique() < 2:
+        role = "events" if task == "survival" else "label values"
+        warnings.append(f"only one class of {role} in the train split; training continues but learns little here")
+
+    # ---- encode ----------------------------------------------------------------
+    x_train_frame, names = _encode(train, features, spec.categorical, categories, err)
+    x_test_frame, _ = _encode(test, features, spec.categorical, categories, err)
+    if spec.missing == "mean":
+        means = x_train_frame.mean(axis=0)
+        x_train_frame = x_train_frame.fillna(means).fillna(0.0)
+        x_test_frame = x_test_frame.fillna(means).fillna(0.0)
+    if feature_order is not None:
+        missing_here = [f for f in feature_order if f not in names]
+        extra_here = [f for f in names if f not in set(feature_order)]
+        if missing_here or extra_here:
+            detail = f"missing {missing_here[:3]}" if missing_here else f"unexpected {extra_here[:3]}"
+            raise err(None, f"features differ from the study's agreed list ({detail})", "align the site's columns with the study")
+        x_train_frame, x_test_frame, names = x_train_frame[list(feature_order)], x_test_frame[list(feature_order)], list(feature_order)
+    x_train = x_train_frame.to_numpy(dtype=np.float32)
+    x_test = x_test_frame.to_numpy(dtype=np.float32)
+    if spec.normalize == "site":
+        scaler = Standardizer.fit(x_train)
+        x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+
+    for message in warnings:
+        log.warning("site '%s': %s", site.name, message)
+    return SiteData(
+        site=site.name,
+        feature_names=tuple(names),
+        x_train=x_train,
+        y_train=_targets(train, task, spec.label, spec.time),
+        x_test=x_test,
+        y_test=_targets(test, task, spec.label, spec.time),
+        rows_dropped=dropped,
+        warnings=tuple(warnings),
+    )
+
+
+def _encode(part: pd.DataFrame, features, categorical, categories, err) -> tuple[pd.DataFrame, list[str]]:
+    blocks = []
+    for column in features:
+        if column in categorical:
+            levels = list(categories[column])
+            values = part[column].astype("string")
+            unknown = sorted(set(values.dropna()) - set(levels))
+            if unknown:
+                raise err(column, f"value(s) {unknown[:3]} not among the study's levels {levels}", "recode them or ask the admin to add the level")
+            blocks.append(one_hot(values, column, levels))
+        else:
+            blocks.append(part[[column]].astype(float))
+    encoded = pd.concat(blocks, axis=1)
+    return encoded, [str(c) for c in encoded.columns]
+
+
+def _targets(part: pd.DataFrame, task: str, label: str, time: str | None) -> np.ndarray:
+    if task == "survival":
+        return part[[time, label]].to_numpy(dtype=np.float32)
+    return part[label].to_numpy(dtype=np.float32)

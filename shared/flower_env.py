@@ -1,0 +1,23 @@
+"""Environment every Flower process we start must have: offline-safe and quiet."""
+
+from __future__ import annotations
+
+import os
+
+FLOWER_ENV = {
+    # Otherwise the first run `uv sync`s the app and pulls a multi-GB CUDA torch.
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    # Ray: no dashboard, no usage stats, no network calls.
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def apply_flower_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Set the variables in ``environ`` (default: this process) and return it."""
+    target = os.environ if environ is None else environ
+    for key, value in FLOWER_ENV.items():
+        target[key] = value
+    return target  # type: ignore[return-value]

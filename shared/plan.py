@@ -1,0 +1,58 @@
+"""The training plan: what the coordinator tells every site about the study.
+
+The server sends it with each instruction as one JSON string, so a deployed
+site needs only its own site file; everything about *how* to train comes from
+the study and is identical at every site.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from shared.config import ModelOptions, StudyConfig
+
+PLAN_KEY = "fedhelix.plan"
+ROUND_KEY = "fedhelix.round"
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    study: str
+    task: str
+    model: str
+    local_steps: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str
+    proximal_mu: float
+    seed: int
+    model_options: ModelOptions = field(default_factory=ModelOptions)
+    categories: dict[str, list[str]] = field(default_factory=dict)
+    features: list[str] = field(default_factory=list)  # agreed encoded feature order
+
+    @classmethod
+    def from_study(cls, study: StudyConfig, features: list[str] | None = None) -> TrainingPlan:
+        return cls(
+            study=study.name,
+            task=study.task,
+            model=study.model,
+            local_steps=study.local_steps,
+            batch_size=study.batch_size,
+            learning_rate=study.learning_rate,
+            optimizer=study.optimizer,
+            proximal_mu=study.proximal_mu if study.strategy == "fedprox" else 0.0,
+            seed=study.seed,
+            model_options=study.model_options,
+            categories={k: list(v) for k, v in study.categories.items()},
+            features=list(features or []),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainingPlan:
+        raw = json.loads(text)
+        opts = raw.pop("model_options")
+        return cls(**raw, model_options=ModelOptions(tuple(opts["hidden"]), opts["dropout"]))
