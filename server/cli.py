@@ -24,8 +24,8 @@ def simulate_command(
     """Run a study as a simulated federation on this machine (every site is a virtual Flower node)."""
     from server.simulate import simulate
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    report = simulate(study or DEFAULT_STUDY, out, verbose=verbose)
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    report = simulate(study or DEFAULT_STUDY, out, verbose=verbose, echo=console.print)
     print_summary(report)
 
 
@@ -34,13 +34,15 @@ def print_summary(report: dict) -> None:
     task = report["study"]["task"]
     primary = report["primary_metric"]
     metrics = {"binary": ["roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity"], "regression": ["rmse", "mae", "pearson_r"], "survival": ["c_index"]}[task]
+    short = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "c_index": "C-index", "rmse": "RMSE", "mae": "MAE", "pearson_r": "r"}
     table = Table(title=f"{report['study']['name']}: final global model on each site's test split")
-    for header in ["site", "n_train", "n_test", *metrics]:
-        table.add_column(header, justify="left" if header == "site" else "right")
+    table.add_column("site", no_wrap=True)
+    for header in ["train", "test", *metrics]:
+        table.add_column(short.get(header, header), justify="right")
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
     for name, row in report["final"]["sites"].items():
         table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[fmt(row.get(m)) for m in metrics])
-    table.add_row("[bold]mean over sites", "", "", *[fmt(report["final"]["mean"].get(m)) for m in metrics])
+    table.add_row("[bold]mean", "", "", *[fmt(report["final"]["mean"].get(m)) for m in metrics])
     console.print(table)
     best = "higher" if PRIMARY[task][1] else "lower"
     out = Path(report.get("run_dir", "."))

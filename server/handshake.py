@@ -86,4 +86,7 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
         log.info("site '%s': %d train / %d test examples, %d features", site.name, site.n_train, site.n_test, len(site.features))
         for warning in site.warnings:
             log.warning("site '%s': %s", site.name, warning)
-    return sorted(sites, key=lambda s: [x.name for x in study.sites].index(s.name))
+    order = [x.name for x in study.sites]
+    for site in sites:
+        site.order = order.index(site.name)
+    return sorted(sites, key=lambda s: s.order)

@@ -32,6 +32,7 @@ class SiteInfo:
     n_test: int
     features: list[str]
     warnings: list[str] = field(default_factory=list)
+    order: int = 0  # position in the study's list of sites
 
 
 def summarise(per_site: dict[str, dict[str, Any]], weights: dict[str, int]) -> dict[str, dict[str, float]]:
@@ -89,6 +90,8 @@ class RunRecorder:
     def record_evaluate(self, server_round: int, per_site: dict[str, dict[str, Any]]) -> None:
         weights = {s.name: s.n_test for s in self.sites.values()}
         entry = self._current if self._current.get("round") == server_round else {"round": server_round}
+        order = [s.name for s in sorted(self.sites.values(), key=lambda s: s.order)]
+        per_site = {name: per_site[name] for name in sorted(per_site, key=lambda n: order.index(n) if n in order else len(order))}
         entry["evaluate"] = {"sites": per_site, **summarise(per_site, weights)}
         entry["failures"] = [f for f in self.failures if f["round"] == server_round]
         entry["elapsed_s"] = round(time.time() - self.started, 3)

@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.config import StudyConfig, load_site, load_study
@@ -45,21 +46,53 @@ def _load_client_app_factory():
     return getattr(importlib.import_module(module), attr)
 
 
+class _QuietConsole(logging.Filter):
+    """Keeps Flower's console handler to errors (Flower resets handler *levels*, not filters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+_QUIET = _QuietConsole()
+
+
 def _route_flower_logs(out_dir: Path, verbose: bool) -> logging.Handler:
+    """Send Flower's and our server log to DIR/flower.log; keep the console for progress."""
     flwr_logger = logging.getLogger("flwr")
     handler = logging.FileHandler(out_dir / "flower.log", mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     flwr_logger.addHandler(handler)
     logging.getLogger("fedhelix").addHandler(handler)
-    if not verbose:
-        for h in flwr_logger.handlers:
+    logging.getLogger("fedhelix").setLevel(logging.INFO)
+    if not verbose:  # Flower's own console handler, and root's (Flower's records propagate)
+        for h in flwr_logger.handlers + logging.getLogger().handlers:
             if h is not handler:
-                h.setLevel(logging.ERROR)
+                h.addFilter(_QUIET)
     return handler
 
 
-def simulate(study_path: str | Path, out_dir: str | Path | None = None, *, verbose: bool = False, progress: bool = True, check: bool = True) -> dict:
-    """Run the study; return the report dict. Raises :class:`FedhelixError` on a failed study."""
+def _unroute_flower_logs(handler: logging.Handler) -> None:
+    for name in ("flwr", "fedhelix"):
+        logging.getLogger(name).removeHandler(handler)
+    for h in logging.getLogger("flwr").handlers + logging.getLogger().handlers:
+        h.removeFilter(_QUIET)
+    handler.close()
+
+
+def simulate(
+    study_path: str | Path,
+    out_dir: str | Path | None = None,
+    *,
+    verbose: bool = False,
+    progress: bool = True,
+    check: bool = True,
+    echo: Callable[[str], None] = log.info,
+) -> dict:
+    """Run the study; return the report dict. Raises :class:`FedhelixError` on a failed study.
+
+    ``check`` validates every site locally first (a researcher has all site files);
+    without it, a bad site is caught by the federated handshake instead.
+    """
     apply_flower_env()
     study = load_study(study_path)
     out = Path(out_dir) if out_dir else Path("runs") / study.name
@@ -67,7 +100,7 @@ def simulate(study_path: str | Path, out_dir: str | Path | None = None, *, verbo
     out.mkdir(parents=True, exist_ok=True)
     if check:
         for line in preflight(study):
-            log.info("site check %s", line)
+            echo(f"site check  {line}")
 
     # Heavy imports only once the inputs are known to be good.
     from flwr.simulation import run_simulation
@@ -99,12 +132,12 @@ def simulate(study_path: str | Path, out_dir: str | Path | None = None, *, verbo
         stop.set()
         if watcher:
             watcher.join(timeout=5)
-        logging.getLogger("flwr").removeHandler(handler)
-        logging.getLogger("fedhelix").removeHandler(handler)
+        _unroute_flower_logs(handler)
     report_path = out / "report.json"
     if not report_path.exists():
         raise FedhelixError(f"the simulation ended without a report; see {out / 'flower.log'}")
     report = json.loads(report_path.read_text())
+    report["run_dir"] = str(out)
     if report["status"] != "completed":
         raise FedhelixError(f"study '{study.name}' failed: {report['error']} (report: {out / 'report.html'})")
     return report

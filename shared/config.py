@@ -174,9 +174,9 @@ def _unknown_tables(doc: dict[str, Any], allowed: set[str], source: str) -> None
 def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | None = None) -> StudyConfig:
     """Validate a parsed study document; relative site paths resolve against ``base_dir``."""
     _unknown_tables(doc, {"study", "sites", "model", "data"}, source)
-    s = _Section(doc.get("study"), "study", source)
     if "study" not in doc:
         raise ConfigError(f"{source}: the [study] section is missing")
+    s = _Section(doc.get("study"), "study", source)
     name = s.get("name", str)
     task = s.get("task", str, choices=TASKS)
     model = s.get("model", str, choices=MODELS)

@@ -12,6 +12,7 @@ FLOWER_ENV = {
     # Ray: no dashboard, no usage stats, no network calls.
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_DEDUP_LOGS": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
 
 
