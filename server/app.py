@@ -68,13 +68,15 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path) -
     return report
 
 
-def create_server_app(study_path: str | Path | None = None, out_dir: str | Path | None = None) -> ServerApp:
+def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: str | Path | None = None) -> ServerApp:
     """Build the ServerApp; arguments pin the study and output (else taken from run config)."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        study = load_study(resolve_path(study_path or str(context.run_config.get("study", ""))))
+        nonlocal study
+        if not isinstance(study, StudyConfig):
+            study = load_study(resolve_path(study or str(context.run_config.get("study", ""))))
         out = Path(out_dir) if out_dir else resolve_path(str(context.run_config.get("out", "runs"))) / study.name
         log.info("study '%s': %s, %s model, %s, %d rounds, %d sites -> %s", study.name, study.task, study.model, study.strategy, study.rounds, len(study.sites), out)
         started = time.time()

@@ -80,7 +80,7 @@ def _unroute_flower_logs(handler: logging.Handler) -> None:
 
 
 def simulate(
-    study_path: str | Path,
+    study_path: str | Path | StudyConfig,
     out_dir: str | Path | None = None,
     *,
     verbose: bool = False,
@@ -94,7 +94,7 @@ def simulate(
     without it, a bad site is caught by the federated handshake instead.
     """
     apply_flower_env()
-    study = load_study(study_path)
+    study = study_path if isinstance(study_path, StudyConfig) else load_study(study_path)
     out = Path(out_dir) if out_dir else Path("runs") / study.name
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +118,7 @@ def simulate(
         if watcher:
             watcher.start()
         run_simulation(
-            server_app=create_server_app(study.path, out),
+            server_app=create_server_app(study, out),
             client_app=_load_client_app_factory()(str(study.path)),
             num_supernodes=len(study.sites),
             backend_config=backend,

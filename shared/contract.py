@@ -201,8 +201,11 @@ def load_site_data(
             train, test = train_test_split(
                 frame, test_size=spec.test_fraction, random_state=spec.split_seed, stratify=stratify
             )
-        except ValueError:
-            train, test = frame.iloc[:0], frame.iloc[:0]
+        except ValueError:  # too few rows per class to stratify: split without it
+            try:
+                train, test = train_test_split(frame, test_size=spec.test_fraction, random_state=spec.split_seed)
+            except ValueError:
+                train, test = frame.iloc[:0], frame.iloc[:0]
     for name, part in (("train", train), ("test", test)):
         if part.empty:
             raise err(
@@ -253,7 +256,10 @@ def _encode(part: pd.DataFrame, features, categorical, categories, err) -> tuple
     for column in features:
         if column in categorical:
             levels = list(categories[column])
-            values = part[column].astype("string")
+            values = part[column]
+            if pd.api.types.is_float_dtype(values) and bool((values.dropna() % 1 == 0).all()):
+                values = values.astype("Int64")  # integer codes read as floats because of a NaN
+            values = values.astype("string")
             unknown = sorted(set(values.dropna()) - set(levels))
             if unknown:
                 raise err(column, f"value(s) {unknown[:3]} not among the study's levels {levels}", "recode them or ask the admin to add the level")
