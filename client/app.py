@@ -17,6 +17,8 @@ import torch
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.app import Context
 
+from client.privacy.budget import open_ledger, plan_dp_round
+from client.privacy.ledger import LedgerEntry
 from client.site_data import load_for_plan, resolve_site
 from client.trainer import evaluate, train
 from shared.config import SiteConfig
@@ -36,8 +38,9 @@ def _scalars(metrics: dict) -> dict:
 class SiteClient(NumPyClient):
     """Trains and evaluates the global model on one site's private data."""
 
-    def __init__(self, site: SiteConfig) -> None:
+    def __init__(self, site: SiteConfig, ledger_dir: str | None = None) -> None:
         self.site = site
+        self.ledger_dir = ledger_dir
 
     def _setup(self, config: dict, parameters: NDArrays | None = None):
         plan = TrainingPlan.from_json(str(config[PLAN_KEY]))
@@ -61,8 +64,11 @@ class SiteClient(NumPyClient):
     def fit(self, parameters, config):
         plan, data, model = self._setup(config, parameters)
         server_round = int(config[ROUND_KEY])
-        metrics = train(model, data, plan, server_round)
-        delta = subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
+        if plan.privacy.dp:
+            metrics, delta = self._fit_private(plan, data, model, parameters, server_round)
+        else:
+            metrics = train(model, data, plan, server_round)
+            delta = subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
         if not all(np.isfinite(d).all() for d in delta):
             raise DataContractError(
                 f"site '{self.site.name}': training diverged in round {server_round} (non-finite update); "
@@ -72,18 +78,41 @@ class SiteClient(NumPyClient):
         log.info("site '%s' round %d: sending delta (L2 norm %.4g) from %d examples", self.site.name, server_round, norm, data.n_train)
         return delta, data.n_train, _scalars({"site": self.site.name, **metrics, "update_norm": norm})
 
+    def _fit_private(self, plan: TrainingPlan, data, model, parameters, server_round: int):
+        """DP-SGD round: refuse before training if the ledger's budget would be exceeded."""
+        dp = plan_dp_round(plan, self.site, data.n_train)
+        ledger, budget = open_ledger(self.site, self.ledger_dir)
+        try:
+            eps_after = ledger.check(plan.study, server_round, dp.step, dp.delta, dp.accountant, budget)
+            metrics = train(model, data, plan, server_round, dp=dp)
+            delta = subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
+            # Recorded before the update leaves: a crash after this line over-counts, never under-counts.
+            ledger.record(
+                LedgerEntry(plan.study, server_round, dp.steps, dp.sample_rate, dp.noise_multiplier, dp.max_grad_norm, dp.accountant, dp.delta, eps_after)
+            )
+        finally:
+            ledger.close()
+        log.info("site '%s' round %d: DP-SGD, sigma=%.3f q=%.4f, epsilon now %.3f of budget %g", self.site.name, server_round, dp.noise_multiplier, dp.sample_rate, eps_after, budget)
+        privacy = {"epsilon": eps_after, "delta": dp.delta, "noise_multiplier": dp.noise_multiplier, "sample_rate": dp.sample_rate, "epsilon_budget": budget}
+        return {**metrics, **privacy}, delta
+
     def evaluate(self, parameters, config):
         plan, data, model = self._setup(config, parameters)
-        loss, metrics = evaluate(model, data, plan.task)
+        loss, metrics = evaluate(model, data, plan)
         return loss, data.n_test, _scalars({"site": self.site.name, **metrics})
 
 
-def create_client_app(study_path: str | None = None) -> ClientApp:
-    """Build the ClientApp; ``study_path`` pins the study in simulation (else run config)."""
+def create_client_app(study_path: str | None = None, ledger_dir: str | None = None) -> ClientApp:
+    """Build the ClientApp; ``study_path`` pins the study in simulation (else run config).
+
+    ``ledger_dir`` (simulations only) keeps each run's privacy ledgers apart
+    from the sites' real ledgers; run config ``ledger-dir`` does the same for ``flwr run``.
+    """
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # tiny models; one thread avoids oversubscribing small hosts
-        return SiteClient(resolve_site(context, study_path)).to_client()
+        ledgers = ledger_dir or context.run_config.get("ledger-dir")
+        return SiteClient(resolve_site(context, study_path), str(ledgers) if ledgers else None).to_client()
 
     return ClientApp(client_fn=client_fn)
 

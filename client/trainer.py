@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 import numpy as np
 import torch
 from torch import nn
 
+from client.privacy.budget import DPRound
+from client.privacy.dpsgd import noisy_step, poisson_batch
 from shared.contract import SiteData
 from shared.metrics import task_metrics
 from shared.plan import TrainingPlan
-from shared.tasks import loss_for, predict
+from shared.tasks import loss_for, per_sample_loss, predict
 
 
 def derived_seed(*parts: object) -> int:
@@ -31,21 +34,43 @@ def batches(n: int, batch_size: int, steps: int, generator: torch.Generator):
         pos += batch_size
 
 
-def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int) -> dict[str, float]:
+def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if plan.optimizer == "adam":
+        return torch.optim.Adam(params, lr=plan.learning_rate)
+    return torch.optim.SGD(params, lr=plan.learning_rate)
+
+
+def noise_generator(plan: TrainingPlan, site: str, server_round: int) -> torch.Generator:
+    """DP noise source: seeded from the OS's CSPRNG, or from the study seed when a test asks.
+
+    torch's generator is not itself cryptographically secure (Opacus's
+    ``secure_mode`` needs torchcsprng, which does not install with torch 2.13);
+    a fresh 63-bit OS-random seed per round at least keeps noise unpredictable
+    and distinct across rounds and forked processes.
+    """
+    if plan.privacy.reproducible_noise:
+        seed = derived_seed(plan.seed, site, server_round, "noise")
+    else:
+        seed = secrets.randbits(63)
+    return torch.Generator().manual_seed(seed)
+
+
+def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None) -> dict[str, float]:
     """Run ``plan.local_steps`` optimiser steps from the current (global) weights.
 
     FedProx adds ``mu/2 * ||w - w_global||^2`` to the loss. Shuffling is seeded
     from (study seed, site, round), so a rerun of a study is reproducible.
+    With ``dp``, each step is a DP-SGD step on a Poisson-sampled batch.
     """
     torch.manual_seed(derived_seed(plan.seed, data.site, server_round, "init"))
     generator = torch.Generator().manual_seed(derived_seed(plan.seed, data.site, server_round))
     x = torch.from_numpy(data.x_train)
     y = torch.from_numpy(data.y_train)
-    loss_fn = loss_for(plan.task)
-    if plan.optimizer == "adam":
-        optimizer: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=plan.learning_rate)
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=plan.learning_rate)
+    optimizer = _optimizer(model, plan)
+    if dp is not None:
+        return _train_dp(model, x, y, plan, dp, optimizer, generator, noise_generator(plan, data.site, server_round))
+    loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins)
     global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
     model.train()
     total, count = 0.0, 0
@@ -62,12 +87,32 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
     return {"train_loss": total / max(count, 1)}
 
 
+def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: torch.Generator, noise: torch.Generator) -> dict[str, float]:
+    loss_fn = per_sample_loss(plan.task, plan.model, plan.model_options.time_bins)
+    if loss_fn is None:
+        raise ValueError(f"model {plan.model!r} has no per-sample loss; it cannot be trained under DP")
+    if plan.proximal_mu > 0:
+        raise ValueError("FedProx's proximal term is not supported under DP-SGD")
+    model.train()
+    expected = dp.sample_rate * len(x)
+    for _ in range(dp.steps):
+        idx = poisson_batch(len(x), dp.sample_rate, sampler)
+        noisy_step(
+            model, optimizer, loss_fn, x[idx], y[idx],
+            max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier,
+            expected_batch_size=expected, noise=noise,
+        )  # fmt: skip
+    # No train loss under DP: an un-noised statistic of the private rows would leak outside epsilon.
+    return {}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: SiteData, task: str, split: str = "test") -> tuple[float, dict[str, float | None]]:
+def evaluate(model: nn.Module, data: SiteData, plan: TrainingPlan, split: str = "test") -> tuple[float, dict[str, float | None]]:
     """Loss and task metrics of ``model`` on the site's ``split``."""
+    task = plan.task
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
     model.eval()
     output = model(torch.from_numpy(x))
-    loss = float(loss_for(task)(output, torch.from_numpy(y)))
+    loss = float(loss_for(task, plan.model, plan.model_options.time_bins)(output, torch.from_numpy(y)))
     score = predict(task, output).numpy().astype(np.float64)
     return loss, task_metrics(task, y, score)

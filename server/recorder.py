@@ -76,7 +76,8 @@ class RunRecorder:
     # -- events -------------------------------------------------------------
     def observe_reply(self, message_type: str, server_round: int, node_id: int, error_reason: str) -> None:
         """A site replied with an error instead of a result: remember who and why."""
-        reason = extract_error_line(error_reason) or error_reason.strip().splitlines()[0][:300]
+        text = (error_reason or "").strip()
+        reason = extract_error_line(text) or (text.splitlines()[0][:300] if text else "no reason given")
         entry = {"round": server_round, "phase": message_type, "site": self.site_name(node_id), "reason": reason}
         self.failures.append(entry)
         log.warning("round %s %s: site '%s' failed: %s", server_round, message_type, entry["site"], reason)

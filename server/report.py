@@ -14,6 +14,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
+matplotlib.rcParams["text.parse_math"] = False  # site names are text, never TeX
 import matplotlib.pyplot as plt  # noqa: E402
 
 import shared  # noqa: E402
@@ -60,10 +61,44 @@ def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], 
         "rounds": recorder.rounds,
         "failures": recorder.failures,
         "final": {"sites": final_sites, "mean": last.get("mean", {}), "weighted": last.get("weighted", {})},
-        "privacy": {s.name: None for s in study.sites},
+        "privacy": privacy_summary(study, recorder),
         "model": "model.pt" if has_model else None,
         "timing": {"wall_s": round(time.time() - recorder.started, 2)},
     }
+
+
+EPSILON_SCOPE = (
+    "epsilon bounds what the model deltas reveal about any one training record (record-level DP-SGD at each "
+    "site, accounted by Opacus). It does not cover: per-site test metrics and train/test counts sent to the "
+    "coordinator, the site-level normalisation statistics used locally, hyper-parameters chosen by looking at "
+    "private data, or the feature names exchanged in the handshake."
+)
+
+
+def privacy_summary(study: StudyConfig, recorder: RunRecorder) -> dict[str, Any]:
+    """Per site: epsilon spent (ledger value after its last round), delta, noise, refusals."""
+    summary: dict[str, Any] = {}
+    for ref in study.sites:
+        if not study.privacy.dp:
+            summary[ref.name] = None
+            continue
+        trained = [(r["round"], r["fit"]["sites"][ref.name]) for r in recorder.rounds if ref.name in r.get("fit", {}).get("sites", {})]
+        refusals = [f["reason"] for f in recorder.failures if f["site"] == ref.name and "refused" in f["reason"]]
+        last = trained[-1][1] if trained else {}
+        summary[ref.name] = {
+            "epsilon": last.get("epsilon"),
+            "delta": last.get("delta"),
+            "noise_multiplier": last.get("noise_multiplier"),
+            "sample_rate": last.get("sample_rate"),
+            "epsilon_budget": last.get("epsilon_budget"),
+            "target_epsilon": study.privacy.target_epsilon,
+            "max_grad_norm": study.privacy.max_grad_norm,
+            "accountant": study.privacy.accountant,
+            "epsilon_by_round": {str(rnd): m.get("epsilon") for rnd, m in trained},
+            "refusals": refusals,
+            "covers": EPSILON_SCOPE,
+        }
+    return summary
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -135,6 +170,28 @@ def _bars(report: dict[str, Any], metric: str) -> str | None:
     return _svg(fig)
 
 
+def _epsilon(report: dict[str, Any]) -> str | None:
+    privacy = {k: v for k, v in report["privacy"].items() if v and v.get("epsilon_by_round")}
+    if not privacy:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for site, p in privacy.items():
+        rounds = sorted(p["epsilon_by_round"], key=int)
+        ax.plot([int(r) for r in rounds], [p["epsilon_by_round"][r] for r in rounds], marker="o", label=site)
+    budgets = {p.get("epsilon_budget") for p in privacy.values()} - {None}
+    for budget in budgets:
+        ax.axhline(budget, color="#c62828", ls="--", lw=1)
+    target = next(iter(privacy.values()))["target_epsilon"]
+    ax.axhline(target, color="grey", ls=":", lw=1, label=f"study target {target:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent (ledger, all studies)")
+    ax.set_title("Privacy spent per site (red: site budgets)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    return _svg(fig)
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> str:
     def cell(v: Any) -> str:
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
@@ -152,12 +209,17 @@ def render_html(report: dict[str, Any]) -> str:
     site_rows = [[name, s.get("n_train", ""), s.get("n_test", ""), *[s.get(m, "n/a") if s.get(m) is not None else "n/a" for m in metrics]] for name, s in final["sites"].items()]
     site_rows.append(["mean over sites", "", "", *[final["mean"].get(m, "n/a") for m in metrics]])
     site_rows.append(["weighted by n_test", "", "", *[final["weighted"].get(m, "n/a") for m in metrics]])
-    plots = [p for p in (_curve(report, primary), _bars(report, primary), _curve(report, "loss")) if p]
+    plots = [p for p in (_curve(report, primary), _bars(report, primary), _curve(report, "loss"), _epsilon(report)) if p]
     failures = _table([[f["round"], f["phase"], f["site"], f["reason"]] for f in report["failures"]], ["round", "phase", "site", "reason"]) if report["failures"] else "<p>None.</p>"
     status = report["status"]
     banner = f'<p class="status {status}">Status: <b>{html.escape(status)}</b>' + (f" — {html.escape(report['error'])}" if report.get("error") else "") + "</p>"
     settings = _table([[k, v] for k, v in study.items() if k not in ("sites",)], ["setting", "value"])
-    privacy = "; ".join(f"{k}: {'not enabled' if v is None else v}" for k, v in report["privacy"].items())
+    if all(v is None for v in report["privacy"].values()):
+        privacy = "<p>Differential privacy not enabled for this study.</p>"
+    else:
+        rows = [[k, v["epsilon"] if v["epsilon"] is not None else "n/a", v["epsilon_budget"] or "n/a", v["delta"] or "n/a", v["noise_multiplier"] or "n/a", "; ".join(v["refusals"]) or "none"] for k, v in report["privacy"].items() if v]
+        privacy = _table(rows, ["site", "epsilon spent", "budget", "delta", "noise multiplier", "refusals"])
+        privacy += f"<p><small>{html.escape(EPSILON_SCOPE)}</small></p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedhelix report: {html.escape(study['name'])}</title>
 <style>
@@ -175,7 +237,7 @@ Secure aggregation: {'on' if report['secure_aggregation'] else 'off'}. Wall time
 {_table(site_rows, ['site', 'n_train', 'n_test', *[METRIC_LABELS[m] for m in metrics]])}
 <h2>Curves</h2><div class="plots">{''.join(plots)}</div>
 <h2>Failures and refusals</h2>{failures}
-<h2>Privacy</h2><p>{html.escape(privacy)}</p>
+<h2>Privacy</h2>{privacy}
 <h2>Settings</h2>{settings}
 <p><small>fedhelix {html.escape(report['fedhelix_version'])}, created {html.escape(report['created'])}.</small></p>
 </body></html>

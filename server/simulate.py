@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -87,17 +88,23 @@ def simulate(
     progress: bool = True,
     check: bool = True,
     echo: Callable[[str], None] = log.info,
+    ledger_dir: str | Path | None = None,
 ) -> dict:
     """Run the study; return the report dict. Raises :class:`FedhelixError` on a failed study.
 
     ``check`` validates every site locally first (a researcher has all site files);
     without it, a bad site is caught by the federated handshake instead.
+    Privacy ledgers of a simulation live in ``DIR/ledgers`` (started afresh each
+    run) unless ``ledger_dir`` names a directory to keep composing in.
     """
     apply_flower_env()
     study = study_path if isinstance(study_path, StudyConfig) else load_study(study_path)
     out = Path(out_dir) if out_dir else Path("runs") / study.name
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    if ledger_dir is None:
+        ledger_dir = out / "ledgers"
+        shutil.rmtree(ledger_dir, ignore_errors=True)  # a simulated run's ledgers start empty
     if check:
         for line in preflight(study):
             echo(f"site check  {line}")
@@ -119,7 +126,7 @@ def simulate(
             watcher.start()
         run_simulation(
             server_app=create_server_app(study, out),
-            client_app=_load_client_app_factory()(str(study.path)),
+            client_app=_load_client_app_factory()(str(study.path), str(ledger_dir)),
             num_supernodes=len(study.sites),
             backend_config=backend,
             verbose_logging=verbose,

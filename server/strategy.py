@@ -19,7 +19,7 @@ from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, 
 
 from server.recorder import RunRecorder
 from shared.config import StudyConfig
-from shared.params import NDArrays, add
+from shared.params import NDArrays
 from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
 
 log = logging.getLogger("fedhelix.server")
@@ -48,6 +48,9 @@ def check_delta(delta: NDArrays, reference: NDArrays) -> str | None:
             return f"tensor {i} has dtype {d.dtype}, expected floating point"
         if not np.isfinite(d).all():
             return f"tensor {i} contains NaN or Inf"
+        with np.errstate(over="ignore", invalid="ignore"):
+            if not np.isfinite((r + d).astype(r.dtype)).all():
+                return f"tensor {i} overflows {r.dtype} when added to the global model"
     return None
 
 
@@ -75,7 +78,7 @@ class DeltaAggregationMixin:
                 log.warning("round %d: rejected update from site '%s': %s", server_round, site, problem)
                 continue
             per_site[site] = {**dict(res.metrics), "n": res.num_examples}
-            res.parameters = ndarrays_to_parameters(add(self._global, delta))
+            res.parameters = ndarrays_to_parameters([(g + d).astype(g.dtype) for g, d in zip(self._global, delta)])
             accepted.append((proxy, res))
         self.recorder.record_fit(server_round, per_site, rejected)
         if len(accepted) < self.required_sites:

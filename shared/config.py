@@ -16,7 +16,8 @@ from typing import Any
 from shared.errors import ConfigError
 
 TASKS = ("binary", "regression", "survival")
-MODELS = ("logistic", "mlp", "cox")
+MODELS = ("logistic", "mlp", "cox", "hazard")
+ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 OPTIMIZERS = ("sgd", "adam")
 MISSING = ("drop", "mean", "none")
@@ -25,8 +26,11 @@ NORMALIZE = ("site", "none")
 MODELS_FOR_TASK = {
     "binary": ("logistic", "mlp"),
     "regression": ("mlp",),
-    "survival": ("cox", "mlp"),
+    "survival": ("cox", "mlp", "hazard"),
 }
+# Survival models whose loss is a sum of per-patient terms, so per-sample clipping bounds
+# one patient's influence. The Cox partial likelihood couples a batch through the risk set.
+DP_SURVIVAL_MODELS = ("hazard",)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,28 @@ class ModelOptions:
 
     hidden: tuple[int, ...] = (64, 32)
     dropout: float = 0.0
+    time_bins: tuple[float, ...] = ()  # cut points of the discrete-time hazard model
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """The study's differential-privacy plan (local DP-SGD at every site)."""
+
+    dp: bool = False
+    target_epsilon: float = 8.0  # per site, for the whole study
+    delta: float = 1e-5  # default; a site's own [privacy] delta wins
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
+    reproducible_noise: bool = False  # tests only: seed the DP noise from the study seed
+
+
+@dataclass(frozen=True)
+class SitePrivacy:
+    """The site's own privacy governance: its ledger and the budget it must never exceed."""
+
+    ledger: Path
+    epsilon_budget: float
+    delta: float | None = None
 
 
 @dataclass(frozen=True)
@@ -65,6 +91,7 @@ class StudyConfig:
     min_sites: int = 0  # 0 = every listed site must answer each round
     model_options: ModelOptions = field(default_factory=ModelOptions)
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     path: Path | None = None
 
     @property
@@ -97,6 +124,7 @@ class SiteConfig:
     name: str
     data: DataSpec
     path: Path | None = None
+    privacy: SitePrivacy | None = None
 
 
 # --------------------------------------------------------------------------- helpers
@@ -173,7 +201,7 @@ def _unknown_tables(doc: dict[str, Any], allowed: set[str], source: str) -> None
 
 def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | None = None) -> StudyConfig:
     """Validate a parsed study document; relative site paths resolve against ``base_dir``."""
-    _unknown_tables(doc, {"study", "sites", "model", "data"}, source)
+    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy"}, source)
     if "study" not in doc:
         raise ConfigError(f"{source}: the [study] section is missing")
     s = _Section(doc.get("study"), "study", source)
@@ -210,7 +238,31 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
     dropout = m.get("dropout", float, 0.0)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"{source}: [model] dropout must be in [0, 1)")
+    bins = m.get("time_bins", list, [])
+    if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in bins) or sorted(set(bins)) != bins:
+        raise ConfigError(f"{source}: [model] time_bins must be increasing positive cut points (e.g. days)")
     m.done()
+    if model == "hazard" and not bins:
+        raise ConfigError(f"{source}: model 'hazard' needs [model] time_bins, the cut points of its time intervals (e.g. [365, 730, 1825])")
+
+    p = _Section(doc.get("privacy", {}), "privacy", source)
+    privacy = PrivacyConfig(
+        dp=p.get("dp", bool, False),
+        target_epsilon=p.positive("target_epsilon", float, 8.0),
+        delta=p.positive("delta", float, 1e-5),
+        max_grad_norm=p.positive("max_grad_norm", float, 1.0),
+        accountant=p.get("accountant", str, "rdp", choices=ACCOUNTANTS),
+        reproducible_noise=p.get("reproducible_noise", bool, False),
+    )
+    p.done()
+    if privacy.delta >= 1:
+        raise ConfigError(f"{source}: [privacy] delta must be < 1 (typically below 1/n_train)")
+    if privacy.dp and task == "survival" and model not in DP_SURVIVAL_MODELS:
+        raise ConfigError(
+            f"{source}: model '{model}' cannot be trained with dp = true: the Cox partial likelihood couples every "
+            "patient of a batch through the risk set, so per-sample clipping does not bound one patient's influence; "
+            'use model = "hazard" (discrete-time logistic hazard, a sum of per-patient terms)'
+        )
 
     d = _Section(doc.get("data", {}), "data", source)
     raw_categories = d.get("categories", dict, {})
@@ -242,8 +294,9 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
     return StudyConfig(
         **study,
         sites=tuple(sites),
-        model_options=ModelOptions(tuple(hidden), dropout),
+        model_options=ModelOptions(tuple(hidden), dropout, tuple(float(b) for b in bins)),
         categories=categories,
+        privacy=privacy,
     )
 
 
@@ -259,7 +312,7 @@ def load_study(path: str | Path) -> StudyConfig:
 
 def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None = None) -> SiteConfig:
     """Validate a parsed site document; the data path resolves against ``base_dir``."""
-    _unknown_tables(doc, {"site", "data"}, source)
+    _unknown_tables(doc, {"site", "data", "privacy"}, source)
     if "site" not in doc:
         raise ConfigError(f"{source}: the [site] section is missing")
     if "data" not in doc:
@@ -287,11 +340,21 @@ def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None 
     d.done()
     if spec.split_column is None and not 0.0 < spec.test_fraction < 1.0:
         raise ConfigError(f"{source}: [data] test_fraction must be between 0 and 1 (exclusive)")
-    return SiteConfig(name=name, data=spec)
+    privacy = None
+    if "privacy" in doc:
+        p = _Section(doc["privacy"], "privacy", source)
+        ledger = Path(p.get("ledger", str, f"{name}.ledger.sqlite"))
+        if base_dir is not None and not ledger.is_absolute():
+            ledger = (base_dir / ledger).resolve()
+        privacy = SitePrivacy(ledger=ledger, epsilon_budget=p.positive("epsilon_budget", float), delta=p.get("delta", float, None))
+        p.done()
+        if privacy.delta is not None and not 0 < privacy.delta < 1:
+            raise ConfigError(f"{source}: [privacy] delta must be between 0 and 1")
+    return SiteConfig(name=name, data=spec, privacy=privacy)
 
 
 def load_site(path: str | Path) -> SiteConfig:
     """Read and validate a site file."""
     path = Path(path).resolve()
     site = parse_site(_read_toml(path, "site"), source=str(path), base_dir=path.parent)
-    return SiteConfig(name=site.name, data=site.data, path=path)
+    return SiteConfig(name=site.name, data=site.data, path=path, privacy=site.privacy)

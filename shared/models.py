@@ -42,6 +42,29 @@ class Linear(nn.Module):
         return self.fc(x).squeeze(-1)
 
 
+class LogisticHazard(nn.Module):
+    """Discrete-time survival: logit h_k(x) = b_k + w.x for each time interval k.
+
+    One shared linear score (proportional odds across intervals) plus one
+    intercept per interval. Its likelihood is a sum of per-patient terms, so it
+    is valid under per-sample DP-SGD, unlike the Cox partial likelihood. The
+    intercepts are the bias of a ``Linear(1, K)`` whose weight is frozen at 1,
+    so every trainable tensor lives in an ``nn.Linear``.
+    """
+
+    def __init__(self, n_features: int, n_intervals: int) -> None:
+        super().__init__()
+        self.score = nn.Linear(n_features, 1, bias=False)
+        self.intervals = nn.Linear(1, n_intervals)
+        with torch.no_grad():
+            self.intervals.weight.fill_(1.0)
+            self.intervals.bias.fill_(-3.0)  # small baseline hazard per interval
+        self.intervals.weight.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.intervals(self.score(x))
+
+
 def build_model(model: str, task: str, n_features: int, options: ModelOptions | None = None, seed: int | None = None) -> nn.Module:
     """Create a freshly initialised model; a ``seed`` makes the initial weights reproducible."""
     options = options or ModelOptions()
@@ -51,6 +74,8 @@ def build_model(model: str, task: str, n_features: int, options: ModelOptions | 
     has_bias = task != "survival"
     if model in ("logistic", "cox"):
         return Linear(n_features, bias=has_bias)
+    if model == "hazard":
+        return LogisticHazard(n_features, len(options.time_bins) + 1)
     if model == "mlp":
         return MLP(n_features, options.hidden, options.dropout, bias_out=has_bias)
     raise ValueError(f"unknown model {model!r}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from shared.config import ModelOptions, StudyConfig
+from shared.config import ModelOptions, PrivacyConfig, StudyConfig
 
 PLAN_KEY = "fedhelix.plan"
 ROUND_KEY = "fedhelix.round"
@@ -30,6 +30,8 @@ class TrainingPlan:
     model_options: ModelOptions = field(default_factory=ModelOptions)
     categories: dict[str, list[str]] = field(default_factory=dict)
     features: list[str] = field(default_factory=list)  # agreed encoded feature order
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    rounds: int = 1  # planned rounds: DP noise is calibrated for rounds x local_steps
 
     @classmethod
     def from_study(cls, study: StudyConfig, features: list[str] | None = None) -> TrainingPlan:
@@ -46,6 +48,8 @@ class TrainingPlan:
             model_options=study.model_options,
             categories={k: list(v) for k, v in study.categories.items()},
             features=list(features or []),
+            privacy=study.privacy,
+            rounds=study.rounds,
         )
 
     def to_json(self) -> str:
@@ -55,4 +59,6 @@ class TrainingPlan:
     def from_json(cls, text: str) -> TrainingPlan:
         raw = json.loads(text)
         opts = raw.pop("model_options")
-        return cls(**raw, model_options=ModelOptions(tuple(opts["hidden"]), opts["dropout"]))
+        privacy = PrivacyConfig(**raw.pop("privacy"))
+        options = ModelOptions(tuple(opts["hidden"]), opts["dropout"], tuple(opts.get("time_bins", ())))
+        return cls(**raw, model_options=options, privacy=privacy)

@@ -23,17 +23,52 @@ def cox_partial_nll(log_hazard: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return -((log_hazard - log_risk) * event).sum() / n_events
 
 
-def loss_for(task: str):
-    """The training loss of a task, as ``loss(output, target) -> scalar``."""
+def hazard_nll_per_patient(logits: torch.Tensor, target: torch.Tensor, cuts: torch.Tensor) -> torch.Tensor:
+    """Per-patient negative log-likelihood of the discrete-time logistic hazard model.
+
+    Interval k covers ``[cuts[k-1], cuts[k])``. A patient whose time falls in
+    interval j survived intervals 0..j-1 (label 0 in each) and, if the event was
+    observed, had it in interval j (label 1); a censored patient contributes
+    nothing for interval j. The loss of a batch is a sum of these terms.
+    """
+    time, event = target[:, 0], target[:, 1]
+    interval = torch.bucketize(time.contiguous(), cuts, right=True)  # j for each patient
+    k = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
+    survived = k < interval.unsqueeze(1)
+    died = (k == interval.unsqueeze(1)) & (event.unsqueeze(1) > 0)
+    terms = F.binary_cross_entropy_with_logits(logits, died.to(logits.dtype), reduction="none")
+    return (terms * (survived | died).to(logits.dtype)).sum(dim=1)
+
+
+def per_sample_loss(task: str, model: str = "", time_bins: tuple[float, ...] = ()):
+    """``loss(output, target) -> tensor of one loss per row``; ``None`` where the loss
+    does not decompose per row (the Cox partial likelihood)."""
     if task == "binary":
-        return F.binary_cross_entropy_with_logits
+        return lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction="none")
     if task == "regression":
-        return F.mse_loss
+        return lambda out, y: F.mse_loss(out, y, reduction="none")
+    if task == "survival" and model == "hazard":
+        cuts = torch.tensor(time_bins, dtype=torch.float32)
+        return lambda out, y: hazard_nll_per_patient(out, y, cuts)
     if task == "survival":
-        return cox_partial_nll
+        return None
     raise ValueError(f"unknown task {task!r}")
 
 
+def loss_for(task: str, model: str = "", time_bins: tuple[float, ...] = ()):
+    """The training loss of a task and model, as ``loss(output, target) -> scalar``."""
+    per_row = per_sample_loss(task, model, time_bins)
+    if per_row is None:
+        return cox_partial_nll
+    return lambda out, y: per_row(out, y).mean()
+
+
 def predict(task: str, output: torch.Tensor) -> torch.Tensor:
-    """Turn raw model output into the score metrics use (probability, value, risk)."""
-    return torch.sigmoid(output) if task == "binary" else output
+    """Turn raw model output into the score metrics use (probability, value, risk).
+
+    A hazard model's logits share one linear score across intervals, so their
+    mean orders patients by risk exactly as that score does.
+    """
+    if task == "binary":
+        return torch.sigmoid(output)
+    return output.mean(dim=-1) if output.ndim == 2 else output

@@ -45,7 +45,7 @@ def test_bundled_tcga_study_reaches_published_fedadam_level(tmp_path: Path) -> N
     model = build_model(plan.model, plan.task, len(saved["features"]), plan.model_options)
     model.load_state_dict(saved["state_dict"])
     site = load_site(load_study(DEFAULT_STUDY).sites[0].config)
-    _, metrics = evaluate(model, load_site_data(site, "survival", feature_order=saved["features"]), "survival")
+    _, metrics = evaluate(model, load_site_data(site, "survival", feature_order=saved["features"]), plan)
     assert metrics["c_index"] == pytest.approx(report["final"]["sites"]["northeast"]["c_index"], abs=1e-9)
 
 

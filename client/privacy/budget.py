@@ -1,0 +1,64 @@
+"""Per-site DP settings for a study: noise calibrated once from the plan, budget checked per round."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from client.privacy.accounting import Step, calibrate_noise
+from client.privacy.ledger import PrivacyLedger
+from shared.config import SiteConfig
+from shared.errors import ConfigError
+from shared.plan import TrainingPlan
+
+
+@dataclass(frozen=True)
+class DPRound:
+    """What one round of DP-SGD at this site costs and how it is run."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    delta: float
+    max_grad_norm: float
+    accountant: str
+
+    @property
+    def step(self) -> Step:
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+@lru_cache(maxsize=32)
+def _noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str) -> float:
+    return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
+
+
+def plan_dp_round(plan: TrainingPlan, site: SiteConfig, n_train: int) -> DPRound:
+    """Calibrate the noise so that rounds x local_steps Poisson steps land at the study's target epsilon.
+
+    The calibration depends only on the plan and the site's size, so every
+    round (each in a fresh process) finds the same noise multiplier.
+    """
+    privacy = plan.privacy
+    delta = site.privacy.delta if site.privacy and site.privacy.delta is not None else privacy.delta
+    if delta >= 1.0 / n_train:
+        raise ConfigError(
+            f"site '{site.name}': delta={delta:g} is not below 1/n_train = {1.0 / n_train:.2g}; "
+            "a delta that large allows leaking a whole record. Set a smaller [privacy] delta"
+        )
+    sample_rate = min(1.0, plan.batch_size / n_train)
+    steps = plan.rounds * plan.local_steps
+    sigma = _noise(privacy.target_epsilon, delta, sample_rate, steps, privacy.accountant)
+    return DPRound(sigma, sample_rate, plan.local_steps, delta, privacy.max_grad_norm, privacy.accountant)
+
+
+def open_ledger(site: SiteConfig, ledger_dir: str | Path | None = None) -> tuple[PrivacyLedger, float]:
+    """The site's ledger and budget; ``ledger_dir`` relocates ledgers (simulations only)."""
+    if site.privacy is None:
+        raise ConfigError(
+            f"site '{site.name}': this study uses differential privacy but the site file {site.path} has no "
+            "[privacy] section; add ledger = \"...\" and epsilon_budget = ... so spending can be tracked"
+        )
+    path = Path(ledger_dir) / f"{site.name}.ledger.sqlite" if ledger_dir else site.privacy.ledger
+    return PrivacyLedger(path, site.name), site.privacy.epsilon_budget
