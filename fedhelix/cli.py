@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from client.cli import check_site_command
+from client.cli import check_site_command, ledger_show_command
 from server.cli import simulate_command
 from shared.errors import FedhelixError
 
@@ -20,6 +20,9 @@ app = typer.Typer(
 )
 app.command("simulate", help="Researchers: run a study as a simulated federation on this machine.")(simulate_command)
 app.command("check-site", help="Hospital IT: check a site's data against the contract (offline).")(check_site_command)
+ledger_app = typer.Typer(help="Hospital IT: the site's privacy ledger (every DP round spent on its data).", no_args_is_help=True)
+ledger_app.command("show", help="Print the ledger's history, epsilon spent and budget remaining.")(ledger_show_command)
+app.add_typer(ledger_app, name="ledger")
 
 
 def main() -> None:

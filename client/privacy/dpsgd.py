@@ -87,7 +87,7 @@ def _vmap_clipped_sum(model, loss_fn, x, y, max_grad_norm):
         return loss_fn(out, yi.unsqueeze(0)).sum()
 
     per_sample = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
-    sq = sum(per_sample[n].flatten(1).pow(2).sum(1) for n in names)
+    sq = sum(per_sample[n].reshape(x.shape[0], -1).pow(2).sum(1) for n in names)
     factors, norms = _clip_factors(sq, max_grad_norm)
     lookup = dict(model.named_parameters())
     grads = {lookup[n]: torch.einsum("b,b...->...", factors, per_sample[n]) for n in names}

@@ -1,0 +1,154 @@
+"""Privacy accounting: calibrated noise lands just under the target, and a round's DP plan is stable."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+
+from client.privacy import budget
+from client.privacy.accounting import calibrate_noise, epsilon
+from client.privacy.budget import plan_dp_round
+from shared.config import DataSpec, ModelOptions, PrivacyConfig, SiteConfig, SitePrivacy
+from shared.errors import ConfigError
+from shared.plan import TrainingPlan
+
+DELTA = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _quiet_opacus():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus warns about optimal orders at the grid's edge
+        yield
+
+
+# ----------------------------------------------------------------------------- calibrate_noise / epsilon
+
+
+@pytest.mark.parametrize(
+    ("accountant", "target", "q", "steps"),
+    [
+        ("rdp", 1.0, 0.1, 50),
+        ("rdp", 3.0, 1.0, 10),  # full batch: no amplification by subsampling
+        ("rdp", 8.0, 0.02, 500),
+        ("prv", 1.0, 0.25, 20),
+    ],
+)
+def test_calibrated_noise_lands_just_under_the_target(accountant: str, target: float, q: float, steps: int) -> None:
+    sigma = calibrate_noise(target, DELTA, q, steps, accountant)
+    assert sigma > 0
+    spent = epsilon([(sigma, q, steps)], DELTA, accountant)
+    assert 0.95 * target <= spent <= target
+    # a little less noise would overshoot: the calibration is not wastefully loose
+    assert epsilon([(sigma * 0.97, q, steps)], DELTA, accountant) > spent
+
+
+def test_more_privacy_needs_more_noise() -> None:
+    loose = calibrate_noise(8.0, DELTA, 1.0, 10)
+    tight = calibrate_noise(1.0, DELTA, 1.0, 10)
+    longer = calibrate_noise(8.0, DELTA, 1.0, 40)
+    assert tight > loose and longer > loose
+
+
+def test_epsilon_is_monotone_in_steps_and_zero_for_no_history() -> None:
+    assert epsilon([], DELTA) == 0.0
+    assert epsilon([], DELTA, "prv") == 0.0
+    values = [epsilon([(1.1, 0.05, steps)], DELTA) for steps in (1, 10, 50, 200, 1000)]
+    assert all(v > 0 for v in values)
+    assert all(a < b for a, b in zip(values, values[1:]))
+
+
+def test_epsilon_composes_a_history_like_its_total_steps() -> None:
+    """Same mechanism split over entries composes exactly like one entry with all the steps (RDP adds)."""
+    split = epsilon([(1.1, 0.05, 30), (1.1, 0.05, 70)], DELTA)
+    whole = epsilon([(1.1, 0.05, 100)], DELTA)
+    assert split == pytest.approx(whole, rel=1e-9)
+    assert epsilon([(1.1, 0.05, 30), (2.0, 0.1, 70)], DELTA) > epsilon([(1.1, 0.05, 30)], DELTA)
+
+
+def test_smaller_delta_costs_more_epsilon() -> None:
+    assert epsilon([(1.1, 0.05, 100)], 1e-7) > epsilon([(1.1, 0.05, 100)], 1e-5)
+
+
+# ----------------------------------------------------------------------------- plan_dp_round
+
+
+def plan_for(**kw) -> TrainingPlan:
+    base = dict(
+        study="dp-unit",
+        task="binary",
+        model="logistic",
+        local_steps=10,
+        batch_size=10,
+        learning_rate=0.1,
+        optimizer="sgd",
+        proximal_mu=0.0,
+        seed=1,
+        model_options=ModelOptions(),
+        privacy=PrivacyConfig(dp=True, target_epsilon=1.0, delta=1e-5, max_grad_norm=0.8),
+        rounds=5,
+    )
+    base.update(kw)
+    return TrainingPlan(**base)
+
+
+def site_for(name: str = "st-luke", delta: float | None = None, with_privacy: bool = True) -> SiteConfig:
+    privacy = SitePrivacy(Path(f"/nonexistent/{name}.ledger.sqlite"), 10.0, delta) if with_privacy else None
+    return SiteConfig(name, DataSpec(Path("/nonexistent/data.csv"), "y"), privacy=privacy)
+
+
+def test_plan_dp_round_calibrates_rounds_times_local_steps() -> None:
+    plan = plan_for()
+    dp = plan_dp_round(plan, site_for(), n_train=100)
+    assert dp.sample_rate == pytest.approx(0.1)
+    assert dp.steps == plan.local_steps == 10  # one round's steps
+    assert dp.delta == 1e-5 and dp.max_grad_norm == 0.8 and dp.accountant == "rdp"
+    assert dp.step == (dp.noise_multiplier, 0.1, 10)
+    # all planned rounds together land at the study's target, just under it
+    total = epsilon([dp.step] * plan.rounds, dp.delta)
+    assert 0.95 <= total <= 1.0
+    assert epsilon([dp.step], dp.delta) < 0.6  # one round spends only part of it
+
+
+def test_plan_dp_round_is_stable_across_calls_and_fresh_caches() -> None:
+    plan = plan_for()
+    first = plan_dp_round(plan, site_for(), 100)
+    again = plan_dp_round(TrainingPlan.from_json(plan.to_json()), site_for(), 100)
+    budget._noise.cache_clear()  # a fresh process: the calibration itself is deterministic
+    fresh = plan_dp_round(plan, site_for(), 100)
+    assert first == again == fresh
+
+
+def test_site_delta_wins_over_the_study_delta() -> None:
+    plan = plan_for()
+    own = plan_dp_round(plan, site_for(delta=1e-4), 100)
+    default = plan_dp_round(plan, site_for(delta=None), 100)
+    assert own.delta == 1e-4 and default.delta == 1e-5
+    assert own.noise_multiplier == calibrate_noise(1.0, 1e-4, 0.1, 50)
+    assert own.noise_multiplier < default.noise_multiplier  # a larger delta needs less noise
+    # a site without a [privacy] section falls back to the study's delta (the ledger check comes later)
+    assert plan_dp_round(plan, site_for(with_privacy=False), 100).delta == 1e-5
+
+
+@pytest.mark.parametrize(("site_delta", "study_delta", "n_train"), [(None, 1e-5, 100_000), (0.01, 1e-5, 100), (0.02, 1e-5, 100)])
+def test_delta_not_below_one_over_n_is_refused_naming_the_site(site_delta, study_delta, n_train) -> None:
+    plan = plan_for(privacy=dataclasses.replace(plan_for().privacy, delta=study_delta))
+    with pytest.raises(ConfigError) as info:
+        plan_dp_round(plan, site_for("st-mungo", delta=site_delta), n_train)
+    message = str(info.value)
+    assert "site 'st-mungo'" in message and "delta" in message and "1/n_train" in message
+    assert "\n" not in message
+    # just below 1/n is accepted
+    ok_delta = 0.5 / n_train
+    assert plan_dp_round(plan, site_for("st-mungo", delta=ok_delta), n_train).delta == ok_delta
+
+
+def test_sample_rate_is_batch_over_n_capped_at_one() -> None:
+    plan = plan_for(batch_size=10, rounds=1)
+    assert plan_dp_round(plan, site_for(), 200).sample_rate == pytest.approx(0.05)
+    capped = plan_dp_round(plan_for(batch_size=500, rounds=1), site_for(), 200)
+    assert capped.sample_rate == 1.0
+    assert capped.noise_multiplier == calibrate_noise(1.0, 1e-5, 1.0, 10)
