@@ -14,8 +14,10 @@ import logging
 
 import numpy as np
 import torch
+from flwr.app import Context, Message
 from flwr.client import Client, ClientApp, NumPyClient
-from flwr.app import Context
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
 
 from client.privacy.budget import open_ledger, plan_dp_round
 from client.privacy.ledger import LedgerEntry
@@ -75,8 +77,18 @@ class SiteClient(NumPyClient):
                 "nothing was sent. Fix: lower the study's learning_rate"
             )
         norm = l2_norm(delta)
-        log.info("site '%s' round %d: sending delta (L2 norm %.4g) from %d examples", self.site.name, server_round, norm, data.n_train)
-        return delta, data.n_train, _scalars({"site": self.site.name, **metrics, "update_norm": norm})
+        if plan.secure_aggregation:
+            # Clip before SecAgg+ quantises, so Flower's own clipping never bites silently;
+            # the norm stays at the site (in plaintext it would describe this site's update).
+            bound = plan.update_bound
+            clipped = sum(int((np.abs(d) > bound).sum()) for d in delta)
+            delta = [np.clip(d, -bound, bound) for d in delta]
+            metrics["clipped_coordinates"] = clipped
+            log.info("site '%s' round %d: masking delta (L2 norm %.4g, %d coordinates clipped to +-%g) from %d examples", self.site.name, server_round, norm, clipped, bound, data.n_train)
+        else:
+            metrics["update_norm"] = norm
+            log.info("site '%s' round %d: sending delta (L2 norm %.4g) from %d examples", self.site.name, server_round, norm, data.n_train)
+        return delta, data.n_train, _scalars({"site": self.site.name, **metrics})
 
     def _fit_private(self, plan: TrainingPlan, data, model, parameters, server_round: int):
         """DP-SGD round: refuse before training if the ledger's budget would be exceeded."""
@@ -102,6 +114,17 @@ class SiteClient(NumPyClient):
         return loss, data.n_test, _scalars({"site": self.site.name, **metrics})
 
 
+def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Run Flower's SecAgg+ client protocol for studies that use it, pass others through.
+
+    Flower's ``secaggplus_mod`` fails on a plain (non-SecAgg) train message, and a
+    node must serve both kinds of study.
+    """
+    if "secaggplus_configs" in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
 def create_client_app(study_path: str | None = None, ledger_dir: str | None = None) -> ClientApp:
     """Build the ClientApp; ``study_path`` pins the study in simulation (else run config).
 
@@ -114,7 +137,7 @@ def create_client_app(study_path: str | None = None, ledger_dir: str | None = No
         ledgers = ledger_dir or context.run_config.get("ledger-dir")
         return SiteClient(resolve_site(context, study_path), str(ledgers) if ledgers else None).to_client()
 
-    return ClientApp(client_fn=client_fn)
+    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
 
 
 app = create_client_app()

@@ -69,7 +69,8 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
     y = torch.from_numpy(data.y_train)
     optimizer = _optimizer(model, plan)
     if dp is not None:
-        return _train_dp(model, x, y, plan, dp, optimizer, generator, noise_generator(plan, data.site, server_round))
+        sampler = np.random.default_rng(derived_seed(plan.seed, data.site, server_round, "poisson"))
+        return _train_dp(model, x, y, plan, dp, optimizer, sampler, noise_generator(plan, data.site, server_round))
     loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins)
     global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
     model.train()
@@ -87,7 +88,7 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
     return {"train_loss": total / max(count, 1)}
 
 
-def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: torch.Generator, noise: torch.Generator) -> dict[str, float]:
+def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: np.random.Generator, noise: torch.Generator) -> dict[str, float]:
     loss_fn = per_sample_loss(plan.task, plan.model, plan.model_options.time_bins)
     if loss_fn is None:
         raise ValueError(f"model {plan.model!r} has no per-sample loss; it cannot be trained under DP")

@@ -24,6 +24,7 @@ from server.grid_tap import TappedGrid
 from server.handshake import handshake
 from server.recorder import RunRecorder
 from server.report import write_reports
+from server.secure_aggregation import StrictSecAggPlus, derive_params
 from server.strategy import build_strategy
 from shared.config import StudyConfig, load_study
 from shared.models import build_model
@@ -49,7 +50,13 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path) -
         model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed)
         strategy = build_strategy(study, plan, get_weights(model), recorder)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=study.rounds), strategy=strategy)
-        DefaultWorkflow()(tapped, legacy)
+        fit_workflow = None
+        if study.secure.enabled:
+            params = derive_params(len(study.sites), study.secure.max_dropouts, study.update_bound, max(s.n_train for s in sites))
+            recorder.secure = params
+            log.info("SecAgg+: %d shares, threshold %d, clipping +-%g, Q=2^%d, M=2^32, max_weight %g", params.num_shares, params.reconstruction_threshold, params.clipping_range, params.quantization_range.bit_length() - 1, params.max_weight)
+            fit_workflow = StrictSecAggPlus(params, timeout=study.secure.timeout_s)
+        DefaultWorkflow(fit_workflow=fit_workflow)(tapped, legacy)
         weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         set_weights(model, weights)
         final_model = model

@@ -63,6 +63,7 @@ class RunRecorder:
         self.rounds: list[dict[str, Any]] = []
         self.failures: list[dict[str, Any]] = []
         self._current: dict[str, Any] = {}
+        self.secure: Any = None  # SecAgg+ parameters when secure aggregation is on
         self.started = time.time()
 
     # -- sites --------------------------------------------------------------

@@ -55,6 +55,16 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True)
+class SecureAggregationConfig:
+    """SecAgg+ settings the admin chooses; the protocol's own parameters are derived from them."""
+
+    enabled: bool = True
+    max_dropouts: int = 0  # sites that may fail mid-round without halting it
+    update_bound: float | None = None  # per-coordinate bound on a site's delta; None = derived
+    timeout_s: float = 600.0  # per protocol stage; a silent site cannot stall the study forever
+
+
+@dataclass(frozen=True)
 class SitePrivacy:
     """The site's own privacy governance: its ledger and the budget it must never exceed."""
 
@@ -92,12 +102,29 @@ class StudyConfig:
     model_options: ModelOptions = field(default_factory=ModelOptions)
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secure: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     path: Path | None = None
 
     @property
     def required_sites(self) -> int:
-        """Sites that must answer for a round to count."""
-        return self.min_sites or len(self.sites)
+        """Sites that must answer for a round to count (all, less the tolerated dropouts)."""
+        if self.min_sites:
+            return self.min_sites
+        dropouts = self.secure.max_dropouts if self.secure.enabled else 0
+        return len(self.sites) - dropouts
+
+    @property
+    def update_bound(self) -> float:
+        """Per-coordinate bound every site clips its delta to under secure aggregation.
+
+        Under DP-SGD the clipped, un-noised part of a round's update has L2 norm at
+        most lr x local_steps x max_grad_norm, which bounds every coordinate too.
+        """
+        if self.secure.update_bound is not None:
+            return self.secure.update_bound
+        if self.privacy.dp:
+            return self.learning_rate * self.local_steps * self.privacy.max_grad_norm
+        return 1.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +228,7 @@ def _unknown_tables(doc: dict[str, Any], allowed: set[str], source: str) -> None
 
 def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | None = None) -> StudyConfig:
     """Validate a parsed study document; relative site paths resolve against ``base_dir``."""
-    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy"}, source)
+    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation"}, source)
     if "study" not in doc:
         raise ConfigError(f"{source}: the [study] section is missing")
     s = _Section(doc.get("study"), "study", source)
@@ -227,6 +254,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         optimizer=s.get("optimizer", str, "sgd", choices=OPTIMIZERS),
         min_sites=s.get("min_sites", int, 0),
     )
+    secure_enabled = s.get("secure_aggregation", bool, True)
     if study["proximal_mu"] < 0:
         raise ConfigError(f"{source}: [study] proximal_mu must be >= 0")
     s.done()
@@ -255,6 +283,19 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         reproducible_noise=p.get("reproducible_noise", bool, False),
     )
     p.done()
+    a = _Section(doc.get("secure_aggregation", {}), "secure_aggregation", source)
+    bound = a.get("update_bound", float, None)
+    secure = SecureAggregationConfig(
+        enabled=secure_enabled,
+        max_dropouts=a.get("max_dropouts", int, 0),
+        update_bound=bound,
+        timeout_s=a.positive("timeout_s", float, 600.0),
+    )
+    a.done()
+    if bound is not None and bound <= 0:
+        raise ConfigError(f"{source}: [secure_aggregation] update_bound must be > 0")
+    if secure.max_dropouts < 0:
+        raise ConfigError(f"{source}: [secure_aggregation] max_dropouts must be >= 0")
     if privacy.delta >= 1:
         raise ConfigError(f"{source}: [privacy] delta must be < 1 (typically below 1/n_train)")
     if privacy.dp and task == "survival" and model not in DP_SURVIVAL_MODELS:
@@ -297,6 +338,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         model_options=ModelOptions(tuple(hidden), dropout, tuple(float(b) for b in bins)),
         categories=categories,
         privacy=privacy,
+        secure=secure,
     )
 
 

@@ -32,6 +32,8 @@ class TrainingPlan:
     features: list[str] = field(default_factory=list)  # agreed encoded feature order
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     rounds: int = 1  # planned rounds: DP noise is calibrated for rounds x local_steps
+    secure_aggregation: bool = False
+    update_bound: float = 1.0  # per-coordinate clip of the delta before secure aggregation
 
     @classmethod
     def from_study(cls, study: StudyConfig, features: list[str] | None = None) -> TrainingPlan:
@@ -50,6 +52,8 @@ class TrainingPlan:
             features=list(features or []),
             privacy=study.privacy,
             rounds=study.rounds,
+            secure_aggregation=study.secure.enabled,
+            update_bound=study.update_bound,
         )
 
     def to_json(self) -> str:

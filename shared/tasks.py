@@ -32,7 +32,7 @@ def hazard_nll_per_patient(logits: torch.Tensor, target: torch.Tensor, cuts: tor
     nothing for interval j. The loss of a batch is a sum of these terms.
     """
     time, event = target[:, 0], target[:, 1]
-    interval = torch.bucketize(time.contiguous(), cuts, right=True)  # j for each patient
+    interval = torch.bucketize(time.contiguous(), cuts.contiguous(), right=True)  # j for each patient
     k = torch.arange(logits.shape[1], device=logits.device).unsqueeze(0)
     survived = k < interval.unsqueeze(1)
     died = (k == interval.unsqueeze(1)) & (event.unsqueeze(1) > 0)

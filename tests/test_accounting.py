@@ -32,9 +32,9 @@ def _quiet_opacus():
     ("accountant", "target", "q", "steps"),
     [
         ("rdp", 1.0, 0.1, 50),
-        ("rdp", 3.0, 1.0, 10),  # full batch: no amplification by subsampling
-        ("rdp", 8.0, 0.02, 500),
-        ("prv", 1.0, 0.25, 20),
+        ("rdp", 3.0, 0.01, 100),
+        ("rdp", 8.0, 1.0, 20),  # full batch: no amplification by subsampling
+        ("prv", 1.0, 0.1, 100),
     ],
 )
 def test_calibrated_noise_lands_just_under_the_target(accountant: str, target: float, q: float, steps: int) -> None:
@@ -56,21 +56,21 @@ def test_more_privacy_needs_more_noise() -> None:
 def test_epsilon_is_monotone_in_steps_and_zero_for_no_history() -> None:
     assert epsilon([], DELTA) == 0.0
     assert epsilon([], DELTA, "prv") == 0.0
-    values = [epsilon([(1.1, 0.05, steps)], DELTA) for steps in (1, 10, 50, 200, 1000)]
+    values = [epsilon([(2.0, 0.05, steps)], DELTA) for steps in (1, 10, 50, 200, 1000)]
     assert all(v > 0 for v in values)
     assert all(a < b for a, b in zip(values, values[1:]))
 
 
 def test_epsilon_composes_a_history_like_its_total_steps() -> None:
     """Same mechanism split over entries composes exactly like one entry with all the steps (RDP adds)."""
-    split = epsilon([(1.1, 0.05, 30), (1.1, 0.05, 70)], DELTA)
-    whole = epsilon([(1.1, 0.05, 100)], DELTA)
+    split = epsilon([(2.0, 0.05, 30), (2.0, 0.05, 70)], DELTA)
+    whole = epsilon([(2.0, 0.05, 100)], DELTA)
     assert split == pytest.approx(whole, rel=1e-9)
-    assert epsilon([(1.1, 0.05, 30), (2.0, 0.1, 70)], DELTA) > epsilon([(1.1, 0.05, 30)], DELTA)
+    assert epsilon([(2.0, 0.05, 30), (3.0, 0.1, 70)], DELTA) > epsilon([(2.0, 0.05, 30)], DELTA)
 
 
 def test_smaller_delta_costs_more_epsilon() -> None:
-    assert epsilon([(1.1, 0.05, 100)], 1e-7) > epsilon([(1.1, 0.05, 100)], 1e-5)
+    assert epsilon([(2.0, 0.05, 100)], 1e-7) > epsilon([(2.0, 0.05, 100)], 1e-5)
 
 
 # ----------------------------------------------------------------------------- plan_dp_round
@@ -122,33 +122,60 @@ def test_plan_dp_round_is_stable_across_calls_and_fresh_caches() -> None:
     assert first == again == fresh
 
 
+@pytest.fixture
+def calibrations(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """Stub the (slow) calibration and record what it is asked for."""
+    calls: list[tuple] = []
+
+    def fake(target_epsilon, delta, sample_rate, steps, accountant):
+        calls.append((target_epsilon, delta, sample_rate, steps, accountant))
+        return 2.5
+
+    monkeypatch.setattr(budget, "_noise", fake)
+    return calls
+
+
 def test_site_delta_wins_over_the_study_delta() -> None:
     plan = plan_for()
     own = plan_dp_round(plan, site_for(delta=1e-4), 100)
     default = plan_dp_round(plan, site_for(delta=None), 100)
     assert own.delta == 1e-4 and default.delta == 1e-5
-    assert own.noise_multiplier == calibrate_noise(1.0, 1e-4, 0.1, 50)
     assert own.noise_multiplier < default.noise_multiplier  # a larger delta needs less noise
-    # a site without a [privacy] section falls back to the study's delta (the ledger check comes later)
-    assert plan_dp_round(plan, site_for(with_privacy=False), 100).delta == 1e-5
+    # calibrated at the site's delta: the planned rounds land at the target *at that delta*
+    assert 0.95 <= epsilon([own.step] * plan.rounds, 1e-4) <= 1.0
+    assert epsilon([own.step] * plan.rounds, 1e-5) > 1.0
+
+
+def test_site_without_privacy_section_uses_the_study_delta(calibrations: list[tuple]) -> None:
+    dp = plan_dp_round(plan_for(), site_for(with_privacy=False), 100)
+    assert dp.delta == 1e-5
+    assert calibrations == [(1.0, 1e-5, 0.1, 50, "rdp")]
 
 
 @pytest.mark.parametrize(("site_delta", "study_delta", "n_train"), [(None, 1e-5, 100_000), (0.01, 1e-5, 100), (0.02, 1e-5, 100)])
-def test_delta_not_below_one_over_n_is_refused_naming_the_site(site_delta, study_delta, n_train) -> None:
+def test_delta_not_below_one_over_n_is_refused_naming_the_site(site_delta, study_delta, n_train, calibrations) -> None:
     plan = plan_for(privacy=dataclasses.replace(plan_for().privacy, delta=study_delta))
     with pytest.raises(ConfigError) as info:
         plan_dp_round(plan, site_for("st-mungo", delta=site_delta), n_train)
     message = str(info.value)
     assert "site 'st-mungo'" in message and "delta" in message and "1/n_train" in message
     assert "\n" not in message
+    assert calibrations == []  # refused before any calibration
     # just below 1/n is accepted
     ok_delta = 0.5 / n_train
     assert plan_dp_round(plan, site_for("st-mungo", delta=ok_delta), n_train).delta == ok_delta
 
 
-def test_sample_rate_is_batch_over_n_capped_at_one() -> None:
-    plan = plan_for(batch_size=10, rounds=1)
-    assert plan_dp_round(plan, site_for(), 200).sample_rate == pytest.approx(0.05)
-    capped = plan_dp_round(plan_for(batch_size=500, rounds=1), site_for(), 200)
+@pytest.mark.parametrize(("batch", "n_train", "rate"), [(10, 200, 0.05), (7, 70, 0.1), (70, 70, 1.0), (500, 200, 1.0)])
+def test_sample_rate_is_batch_over_n_capped_at_one(batch, n_train, rate, calibrations) -> None:
+    plan = plan_for(batch_size=batch, rounds=3, local_steps=4, privacy=PrivacyConfig(dp=True, target_epsilon=2.0, accountant="prv"))
+    dp = plan_dp_round(plan, site_for(), n_train)
+    assert dp.sample_rate == pytest.approx(rate) and dp.sample_rate <= 1.0
+    assert dp.steps == 4 and dp.noise_multiplier == 2.5 and dp.accountant == "prv"
+    assert calibrations == [(2.0, 1e-5, pytest.approx(rate), 12, "prv")]
+
+
+def test_capped_sample_rate_is_calibrated_as_full_batch() -> None:
+    capped = plan_dp_round(plan_for(batch_size=500, rounds=2, local_steps=5), site_for(), 200)
     assert capped.sample_rate == 1.0
     assert capped.noise_multiplier == calibrate_noise(1.0, 1e-5, 1.0, 10)

@@ -64,7 +64,8 @@ def test_report_json_holds_rounds_final_results_and_privacy(tmp_path: Path) -> N
     assert final["weighted"]["c_index"] == pytest.approx((0.72 * 10 + 0.84 * 20) / 30)
     assert final["mean"]["loss"] == pytest.approx(1.5)
     assert report["privacy"] == {name: None for name in SITES}
-    assert report["secure_aggregation"] is False
+    assert report["secure_aggregation"] is True  # on by default
+    assert report["secure_aggregation_params"] is None  # no round ran under SecAgg+ here
 
 
 def test_report_records_failure_and_model(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -123,14 +124,24 @@ def noisy_step(
     """One DP-SGD step on an (already Poisson-sampled, possibly empty) batch."""
     params = [p for p in model.parameters() if p.requires_grad]
     grads = clipped_grad_sum(model, loss_fn, x, y, max_grad_norm)[0] if len(x) else {}
+    # One draw for all tensors: N(0, (sigma * C)^2) per coordinate.
+    gaussian = torch.randn(sum(p.numel() for p in params), generator=noise).mul_(noise_multiplier * max_grad_norm)
+    offset = 0
     for p in params:
-        summed = grads.get(p, torch.zeros_like(p))
-        gaussian = torch.normal(0.0, noise_multiplier * max_grad_norm, size=p.shape, generator=noise)
-        p.grad = (summed + gaussian) / expected_batch_size
+        chunk = gaussian[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+        summed = grads.get(p)
+        p.grad = (chunk if summed is None else summed + chunk) / expected_batch_size
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def poisson_batch(n: int, sample_rate: float, generator: torch.Generator) -> torch.Tensor:
-    """Indices of a Poisson-sampled batch: every row joins independently with probability q."""
-    return torch.nonzero(torch.rand(n, generator=generator) < sample_rate).squeeze(1)
+def poisson_batch(n: int, sample_rate: float, rng: np.random.Generator) -> torch.Tensor:
+    """Indices of a Poisson-sampled batch: every row joins independently with probability q.
+
+    Drawn as a Binomial(n, q) size and then a uniform subset of that size, which
+    has exactly the distribution of independent per-row coin flips but costs
+    O(batch) instead of O(n) per step (NumPy uses Floyd's algorithm for small subsets).
+    """
+    size = int(rng.binomial(n, sample_rate))
+    return torch.from_numpy(rng.choice(n, size=size, replace=False).astype(np.int64))

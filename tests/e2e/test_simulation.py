@@ -26,7 +26,8 @@ def test_bundled_tcga_study_reaches_published_fedadam_level(tmp_path: Path) -> N
     report = simulate(DEFAULT_STUDY, tmp_path, progress=False)
 
     assert report["status"] == "completed"
-    assert report["secure_aggregation"] is False
+    assert report["secure_aggregation"] is True  # the default
+    assert report["secure_aggregation_params"]["num_shares"] == 5  # 6 sites -> 5 (odd)
     assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4, 5]
     assert set(report["final"]["sites"]) == {"northeast", "south", "west", "midwest", "europe", "canada"}
     assert report["final"]["sites"]["canada"]["n_test"] == 11

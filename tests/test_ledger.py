@@ -1,0 +1,411 @@
+"""The site's privacy ledger: persistence, composition, refusal, tamper evidence, and DP rounds at the client."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sqlite3
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import client.app as client_app
+from client.app import SiteClient
+from client.privacy.accounting import epsilon
+from client.privacy.ledger import BudgetRefused, LedgerEntry, LedgerError, PrivacyLedger, _digest
+from shared.config import parse_site, parse_study
+from shared.errors import ConfigError
+from shared.models import build_model
+from shared.params import get_weights
+from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
+
+DELTA = 1e-5
+# Noise multipliers >= 3 keep Opacus's RDP accountant fast.
+STEP_A = (3.0, 0.1, 20)
+STEP_B = (4.0, 0.05, 40)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _warm_torch():
+    """The first optimiser of a process imports torch._dynamo (~1.5 s); keep it out of the timed tests."""
+    import torch
+
+    torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _quiet_opacus():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def entry(study: str, rnd: int, step=STEP_A, eps: float = 0.0) -> LedgerEntry:
+    sigma, q, steps = step
+    return LedgerEntry(study, rnd, steps, q, sigma, 1.0, "rdp", DELTA, eps)
+
+
+def filled(path: Path, site: str = "st-anne", n: int = 3) -> None:
+    ledger = PrivacyLedger(path, site)
+    for r in range(1, n + 1):
+        ledger.record(entry("study-a", r))
+    ledger.close()
+
+
+# ----------------------------------------------------------------------------- creation and persistence
+
+
+def test_created_on_first_use_with_a_log_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "nested" / "dir" / "st-anne.ledger.sqlite"
+    with caplog.at_level(logging.INFO, logger="fedhelix.ledger"):
+        ledger = PrivacyLedger(path, "st-anne")
+    assert path.is_file()
+    assert ledger.entries == [] and ledger.spent(DELTA) == 0.0
+    assert any("created privacy ledger" in r.getMessage() and "st-anne" in r.getMessage() for r in caplog.records)
+    ledger.close()
+
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fedhelix.ledger"):
+        PrivacyLedger(path, "st-anne").close()  # reopening creates nothing
+    assert not any("created privacy ledger" in r.getMessage() for r in caplog.records)
+
+
+def test_record_then_reopen_keeps_entries_and_spending(tmp_path: Path) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    ledger = PrivacyLedger(path, "st-anne")
+    first = entry("study-a", 1, eps=0.5)
+    ledger.record(first)
+    ledger.record(entry("study-a", 2, eps=0.7))
+    spent = ledger.spent(DELTA)
+    ledger.close()
+
+    reopened = PrivacyLedger(path, "st-anne")  # a restart: a fresh process, nothing in memory
+    assert [(e.study, e.round) for e in reopened.entries] == [("study-a", 1), ("study-a", 2)]
+    got = reopened.entries[0]
+    assert got.created  # stamped on record
+    assert dataclasses.replace(got, created="") == first
+    assert reopened.spent(DELTA) == pytest.approx(spent)
+    assert spent == pytest.approx(epsilon([STEP_A, STEP_A], DELTA)) and spent > 0
+    reopened.close()
+
+
+def test_spending_composes_across_studies(tmp_path: Path) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    ledger = PrivacyLedger(path, "st-anne")
+    ledger.record(entry("study-a", 1, STEP_A))
+    ledger.record(entry("study-a", 2, STEP_A))
+    after_a = ledger.spent(DELTA)
+    assert ledger.would_spend(STEP_B, DELTA) == pytest.approx(epsilon([STEP_A, STEP_A, STEP_B], DELTA))
+    ledger.record(entry("study-b", 1, STEP_B))
+    ledger.close()
+
+    both = PrivacyLedger(path, "st-anne").spent(DELTA)
+    assert both == pytest.approx(epsilon([STEP_A, STEP_A, STEP_B], DELTA))
+    assert both > after_a
+    assert both > epsilon([STEP_B], DELTA)
+    assert both > max(after_a, epsilon([STEP_B], DELTA)) + 0.01
+
+
+# ----------------------------------------------------------------------------- budget check
+
+
+def test_check_returns_the_epsilon_after_the_round_within_budget(tmp_path: Path) -> None:
+    ledger = PrivacyLedger(tmp_path / "l.sqlite", "st-anne")
+    ledger.record(entry("study-a", 1))
+    after = ledger.check("study-a", 2, STEP_A, DELTA, "rdp", budget=100.0)
+    assert after == pytest.approx(epsilon([STEP_A, STEP_A], DELTA))
+    assert len(ledger.entries) == 1  # checking records nothing
+    # a budget exactly at the would-spend value is still allowed
+    assert ledger.check("study-a", 2, STEP_A, DELTA, "rdp", budget=after) == after
+    ledger.close()
+
+
+def test_check_over_budget_refuses_in_one_line_and_records_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "l.sqlite"
+    ledger = PrivacyLedger(path, "st-anne")
+    ledger.record(entry("study-a", 1))
+    would = epsilon([STEP_A, STEP_B], DELTA)
+    budget = would - 0.05
+    with pytest.raises(BudgetRefused) as info:
+        ledger.check("study-b", 7, STEP_B, DELTA, "rdp", budget=budget)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("fedhelix:")
+    assert "site 'st-anne'" in message
+    assert "round 7" in message
+    assert "study 'study-b'" in message
+    assert f"epsilon={would:.3f}" in message
+    assert f"budget {budget:g}" in message
+    assert "nothing was trained or sent" in message
+    assert len(ledger.entries) == 1
+    ledger.close()
+    assert len(PrivacyLedger(path, "st-anne").entries) == 1
+
+
+# ----------------------------------------------------------------------------- tamper evidence
+
+
+def tamper(path: Path, *statements: str) -> None:
+    db = sqlite3.connect(path, isolation_level=None)
+    for sql in statements:
+        db.execute(sql)
+    db.close()
+
+
+TAMPERS = {
+    "edit a body": ["UPDATE entries SET body = replace(body, '\"noise_multiplier\": 3.0', '\"noise_multiplier\": 30.0') WHERE seq = 2"],
+    "edit a body and forge its hash": [
+        "UPDATE entries SET body = replace(body, '\"steps\": 20', '\"steps\": 2') WHERE seq = 1",
+        "UPDATE entries SET hash = '" + "f" * 64 + "' WHERE seq = 1",
+    ],
+    "delete the last entry": ["DELETE FROM entries WHERE seq = 3"],
+    "delete the last entry and fix the count": ["DELETE FROM entries WHERE seq = 3", "UPDATE meta SET value = '2' WHERE key = 'count'"],
+    "delete the first entry": ["DELETE FROM entries WHERE seq = 1", "UPDATE meta SET value = '2' WHERE key = 'count'"],
+    "delete every entry": ["DELETE FROM entries", "UPDATE meta SET value = '0' WHERE key = 'count'"],
+    "drop the entries table": ["DROP TABLE entries"],
+    "reorder seq values": [
+        "UPDATE entries SET seq = 100 WHERE seq = 1",
+        "UPDATE entries SET seq = 1 WHERE seq = 2",
+        "UPDATE entries SET seq = 2 WHERE seq = 100",
+    ],
+    "renumber seq values": ["UPDATE entries SET seq = seq + 10"],
+    "remove the site": ["DELETE FROM meta WHERE key = 'site'"],
+    "change the site": ["UPDATE meta SET value = 'st-other' WHERE key = 'site'"],
+}
+
+
+@pytest.mark.parametrize("case", list(TAMPERS))
+def test_tampering_is_an_error_never_a_reset(tmp_path: Path, case: str) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    filled(path)
+    tamper(path, *TAMPERS[case])
+    with pytest.raises(LedgerError) as info:
+        PrivacyLedger(path, "st-anne")
+    message = str(info.value)
+    assert str(path) in message and "\n" not in message
+    # still refused on the next attempt: nothing was reset or repaired
+    with pytest.raises(LedgerError):
+        PrivacyLedger(path, "st-anne")
+
+
+def test_an_edited_and_correctly_rehashed_entry_breaks_the_chain(tmp_path: Path) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    filled(path)
+    db = sqlite3.connect(path, isolation_level=None)
+    body, prev = db.execute("SELECT body, prev_hash FROM entries WHERE seq = 1").fetchone()
+    edited = body.replace('"steps": 20', '"steps": 1')
+    assert edited != body
+    db.execute("UPDATE entries SET body = ?, hash = ? WHERE seq = 1", (edited, _digest(prev, edited)))
+    db.close()
+    with pytest.raises(LedgerError, match="entry 2"):
+        PrivacyLedger(path, "st-anne")
+
+
+def test_tampering_between_open_and_record_is_caught_at_record(tmp_path: Path) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    filled(path)
+    ledger = PrivacyLedger(path, "st-anne")
+    tamper(path, "DELETE FROM entries WHERE seq = 3")
+    with pytest.raises(LedgerError):
+        ledger.record(entry("study-a", 4))
+    ledger.close()
+    with pytest.raises(LedgerError):
+        PrivacyLedger(path, "st-anne")
+
+
+@pytest.mark.parametrize("content", [b"this is not a database\n" * 50, bytes(range(256)) * 16])
+def test_a_garbage_file_is_an_error_and_left_alone(tmp_path: Path, content: bytes) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    path.write_bytes(content)
+    with pytest.raises(LedgerError) as info:
+        PrivacyLedger(path, "st-anne")
+    message = str(info.value)
+    assert "st-anne" in message and str(path) in message and "never delete" in message
+    assert path.read_bytes() == content
+
+
+def test_an_empty_file_is_not_a_fresh_ledger(tmp_path: Path) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    path.write_bytes(b"")
+    with pytest.raises(LedgerError):
+        PrivacyLedger(path, "st-anne")
+
+
+def test_a_ledger_of_another_site_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "shared.ledger.sqlite"
+    filled(path, site="st-anne")
+    with pytest.raises(LedgerError) as info:
+        PrivacyLedger(path, "st-bart")
+    assert "st-anne" in str(info.value) and "st-bart" in str(info.value)
+    assert len(PrivacyLedger(path, "st-anne").entries) == 3  # the owner's ledger is intact
+
+
+def test_an_untouched_ledger_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    filled(path, n=4)
+    assert [e.round for e in PrivacyLedger(path, "st-anne").entries] == [1, 2, 3, 4]
+
+
+# ----------------------------------------------------------------------------- SiteClient.fit under DP
+
+
+def write_binary_site(tmp_path: Path, name: str = "st-clare", n: int = 100, privacy: dict | None = None):
+    rng = np.random.default_rng(7)
+    frame = pd.DataFrame(rng.normal(size=(n, 3)), columns=["a", "b", "c"])
+    frame["y"] = (frame["a"] - frame["b"] + 0.5 * rng.normal(size=n) > 0).astype(int)
+    frame.to_csv(tmp_path / f"{name}.csv", index=False)
+    doc = {"site": {"name": name}, "data": {"path": f"{name}.csv", "label": "y"}}
+    if privacy is not None:
+        doc["privacy"] = privacy
+    return parse_site(doc, source=f"{name}.toml", base_dir=tmp_path)
+
+
+def dp_plan(name: str = "dp-study", rounds: int = 2, target: float = 1.0) -> TrainingPlan:
+    study = parse_study(
+        {
+            "study": {
+                "name": name, "task": "binary", "model": "logistic", "rounds": rounds,
+                "local_steps": 25, "batch_size": 8, "learning_rate": 0.1, "seed": 3,
+            },
+            "privacy": {"dp": True, "target_epsilon": target, "max_grad_norm": 1.0, "reproducible_noise": True},
+            "sites": [{"name": "st-clare", "config": "st-clare.toml"}],
+        },
+        source="study.toml",
+    )  # fmt: skip
+    return TrainingPlan.from_study(study)
+
+
+@pytest.fixture
+def train_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    real = client_app.train
+
+    def spy(model, data, plan, server_round, dp=None):
+        calls.append(server_round)
+        return real(model, data, plan, server_round, dp=dp)
+
+    monkeypatch.setattr(client_app, "train", spy)
+    return calls
+
+
+def ledger_rows(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
+    finally:
+        db.close()
+
+
+def test_dp_fit_records_each_round_and_refuses_past_the_budget(tmp_path: Path, train_calls: list[int]) -> None:
+    site = write_binary_site(tmp_path, privacy={"ledger": "ledgers/st-clare.sqlite", "epsilon_budget": 1.0})
+    ledger_path = tmp_path / "ledgers" / "st-clare.sqlite"
+    assert site.privacy.ledger == ledger_path.resolve()
+    plan = dp_plan(rounds=2, target=1.0)
+    weights = get_weights(build_model("logistic", "binary", 3, seed=1))
+
+    results = []
+    for rnd in (1, 2):
+        delta, n, metrics = SiteClient(site).fit([w.copy() for w in weights], {PLAN_KEY: plan.to_json(), ROUND_KEY: rnd})
+        assert ledger_rows(ledger_path) == rnd  # exactly one entry per round
+        assert n == 80
+        assert any(np.abs(d).sum() > 0 for d in delta)
+        assert "train_loss" not in metrics  # no un-noised statistic of the private rows
+        results.append(metrics)
+    assert train_calls == [1, 2]
+    eps = [m["epsilon"] for m in results]
+    assert 0 < eps[0] < eps[1] <= 1.0
+    assert eps[1] >= 0.95  # the planned rounds use (nearly) the whole target
+    sigma = results[0]["noise_multiplier"]
+    assert sigma > 0 and results[1]["noise_multiplier"] == sigma
+    assert all(m["sample_rate"] == pytest.approx(8 / 80) and m["delta"] == 1e-5 and m["epsilon_budget"] == 1.0 for m in results)
+
+    ledger = PrivacyLedger(ledger_path, "st-clare")
+    assert [(e.study, e.round, e.steps) for e in ledger.entries] == [("dp-study", 1, 25), ("dp-study", 2, 25)]
+    assert [e.epsilon_after for e in ledger.entries] == pytest.approx(eps)
+    assert ledger.spent(1e-5) == pytest.approx(eps[1])
+    ledger.close()
+
+    # a third round (beyond the plan) would exceed the site's budget: refused before training
+    with pytest.raises(BudgetRefused) as info:
+        SiteClient(site).fit([w.copy() for w in weights], {PLAN_KEY: plan.to_json(), ROUND_KEY: 3})
+    message = str(info.value)
+    assert "site 'st-clare'" in message and "round 3" in message and "study 'dp-study'" in message
+    assert ledger_rows(ledger_path) == 2
+    assert train_calls == [1, 2]
+
+    # another study at the same site composes with the first: its very first round is refused
+    other = dp_plan(name="other-study", rounds=2, target=1.0)
+    with pytest.raises(BudgetRefused) as info:
+        SiteClient(site).fit([w.copy() for w in weights], {PLAN_KEY: other.to_json(), ROUND_KEY: 1})
+    assert "study 'other-study'" in str(info.value) and "round 1" in str(info.value)
+    assert ledger_rows(ledger_path) == 2
+    assert train_calls == [1, 2]
+
+
+def test_dp_fit_is_reproducible_with_reproducible_noise(tmp_path: Path) -> None:
+    plan = dp_plan(rounds=2, target=1.0)
+    weights = get_weights(build_model("logistic", "binary", 3, seed=1))
+    deltas = []
+    for sub in ("one", "two"):
+        (tmp_path / sub).mkdir()
+        site = write_binary_site(tmp_path / sub, privacy={"epsilon_budget": 5.0})
+        assert site.privacy.ledger == (tmp_path / sub / "st-clare.ledger.sqlite").resolve()  # the default name
+        deltas.append(SiteClient(site).fit(weights, {PLAN_KEY: plan.to_json(), ROUND_KEY: 1})[0])
+        assert ledger_rows(site.privacy.ledger) == 1
+    assert all(np.array_equal(a, b) for a, b in zip(*deltas))
+
+
+def test_dp_study_at_a_site_without_privacy_section_is_a_config_error(tmp_path: Path, train_calls: list[int]) -> None:
+    site = write_binary_site(tmp_path, privacy=None)
+    plan = dp_plan()
+    weights = get_weights(build_model("logistic", "binary", 3, seed=1))
+    with pytest.raises(ConfigError) as info:
+        SiteClient(site).fit(weights, {PLAN_KEY: plan.to_json(), ROUND_KEY: 1})
+    message = str(info.value)
+    assert "site 'st-clare'" in message and "[privacy]" in message and "epsilon_budget" in message
+    assert "\n" not in message
+    assert train_calls == []
+    assert not list(tmp_path.rglob("*.sqlite"))
+
+
+# ----------------------------------------------------------------------------- study config under DP
+
+
+def survival_study(model: str, dp: bool = True, time_bins: list | None = None) -> dict:
+    doc = {
+        "study": {"name": "surv", "task": "survival", "model": model},
+        "privacy": {"dp": dp},
+        "sites": [{"name": "a", "config": "a.toml"}],
+    }
+    if time_bins is not None:
+        doc["model"] = {"time_bins": time_bins}
+    return doc
+
+
+@pytest.mark.parametrize("model", ["cox", "mlp"])
+def test_dp_survival_with_a_risk_set_model_is_refused(model: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_study(survival_study(model), source="surv.toml")
+    message = str(info.value)
+    assert "surv.toml" in message and f"'{model}'" in message
+    assert "risk set" in message
+    assert 'model = "hazard"' in message
+    assert "\n" not in message
+    parse_study(survival_study(model, dp=False), source="surv.toml")  # fine without DP
+
+
+def test_hazard_needs_time_bins() -> None:
+    for dp in (True, False):
+        with pytest.raises(ConfigError, match="time_bins"):
+            parse_study(survival_study("hazard", dp=dp), source="surv.toml")
+
+
+def test_dp_hazard_with_time_bins_parses() -> None:
+    study = parse_study(survival_study("hazard", time_bins=[365, 730, 1825]), source="surv.toml")
+    assert study.model == "hazard" and study.privacy.dp
+    assert study.model_options.time_bins == (365.0, 730.0, 1825.0)
+    plan = TrainingPlan.from_json(TrainingPlan.from_study(study).to_json())
+    assert plan.model_options.time_bins == (365.0, 730.0, 1825.0) and plan.privacy.dp
