@@ -27,7 +27,8 @@ from shared.config import SiteConfig
 from shared.errors import DataContractError
 from shared.models import build_model
 from shared.params import NDArrays, get_weights, l2_norm, set_weights, subtract
-from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
+from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
+from shared.preprocess import is_indicator, moments
 
 log = logging.getLogger("fedhelix.client")
 
@@ -61,10 +62,32 @@ class SiteClient(NumPyClient):
             "n_test": data.n_test,
             "features": json.dumps(list(data.feature_names)),
             "warnings": json.dumps(list(data.warnings)),
+            "normalize": self.site.data.normalize,
+            # which features are 0/1 here (a pooled scaler leaves features that are 0/1 everywhere alone)
+            "indicators": json.dumps(is_indicator(data.x_train).tolist()),
         }
 
+    def _fit_statistics(self, plan: TrainingPlan, data) -> tuple[NDArrays, int, dict]:
+        """Secure statistics round: this site's feature means and mean squares, summed under SecAgg+.
+
+        Weighted by n_train, the secure weighted mean over sites is exactly the pooled
+        mean and pooled mean square; the coordinator never sees this site's values.
+        """
+        values = moments(data.x_train)
+        worst = int(np.argmax(np.abs(values)))
+        if abs(values[worst]) > plan.stats_bound:
+            feature = data.feature_names[worst % len(data.feature_names)]
+            raise DataContractError(
+                f"site '{self.site.name}': feature '{feature}' has magnitude {abs(values[worst]):.3g}, beyond the study's "
+                f"stats_bound {plan.stats_bound:g}; nothing was sent. Fix: rescale the column or raise [secure_aggregation] stats_bound"
+            )
+        log.info("site '%s': masking %d feature statistics for the secure sum", self.site.name, len(values))
+        return [values.astype(np.float64)], data.n_train, {"site": self.site.name}
+
     def fit(self, parameters, config):
-        plan, data, model = self._setup(config, parameters)
+        plan, data, model = self._setup(config, None if config.get(STAGE_KEY) == "stats" else parameters)
+        if config.get(STAGE_KEY) == "stats":
+            return self._fit_statistics(plan, data)
         server_round = int(config[ROUND_KEY])
         if plan.privacy.dp:
             metrics, delta = self._fit_private(plan, data, model, parameters, server_round)

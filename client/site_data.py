@@ -6,11 +6,13 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Context
 
 from shared.config import SiteConfig, load_site, load_study
 from shared.contract import SiteData, load_site_data
 from shared.errors import ConfigError
+from shared.preprocess import Standardizer
 from shared.paths import resolve_path
 from shared.plan import TrainingPlan
 
@@ -35,11 +37,16 @@ def resolve_site(context: Context, study_path: str | None = None) -> SiteConfig:
 
 
 def load_for_plan(site: SiteConfig, plan: TrainingPlan) -> SiteData:
-    """Site data encoded the way the plan says (agreed categories and feature order)."""
+    """Site data encoded the way the plan says (agreed categories, feature order, pooled scaling)."""
     mtime = Path(site.data.path).stat().st_mtime_ns if Path(site.data.path).exists() else 0
-    return _cached(site, mtime, plan.task, json.dumps(plan.categories, sort_keys=True), tuple(plan.features))
+    pooled = json.dumps(plan.normalization, sort_keys=True) if plan.normalization else ""
+    return _cached(site, mtime, plan.task, json.dumps(plan.categories, sort_keys=True), tuple(plan.features), pooled)
 
 
 @lru_cache(maxsize=8)
-def _cached(site: SiteConfig, _mtime: int, task: str, categories: str, features: tuple[str, ...]) -> SiteData:
-    return load_site_data(site, task, json.loads(categories), list(features) or None)
+def _cached(site: SiteConfig, _mtime: int, task: str, categories: str, features: tuple[str, ...], pooled: str) -> SiteData:
+    scaler = None
+    if pooled:
+        stats = json.loads(pooled)
+        scaler = Standardizer(np.asarray(stats["mean"], dtype=np.float32), np.asarray(stats["scale"], dtype=np.float32))
+    return load_site_data(site, task, json.loads(categories), list(features) or None, pooled=scaler)

@@ -7,6 +7,7 @@ can wrap the fit step in SecAgg+ (``DefaultWorkflow(fit_workflow=...)``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
+from server.federated_stats import needs_federated_stats, secure_pooled_standardizer
 from server.grid_tap import TappedGrid
 from server.handshake import handshake
 from server.recorder import RunRecorder
@@ -48,14 +50,17 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path) -
         features = sites[0].features
         plan = TrainingPlan.from_study(study, features)
         model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed)
-        strategy = build_strategy(study, plan, get_weights(model), recorder)
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=study.rounds), strategy=strategy)
-        fit_workflow = None
+        params = None
         if study.secure.enabled:
             params = derive_params(len(study.sites), study.secure.max_dropouts, study.update_bound, max(s.n_train for s in sites))
             recorder.secure = params
             log.info("SecAgg+: %d shares, threshold %d, clipping +-%g, Q=2^%d, M=2^32, max_weight %g", params.num_shares, params.reconstruction_threshold, params.clipping_range, params.quantization_range.bit_length() - 1, params.max_weight)
-            fit_workflow = StrictSecAggPlus(params, timeout=study.secure.timeout_s)
+        if needs_federated_stats(sites):
+            pooled = secure_pooled_standardizer(tapped, context, study, plan, sites, params)
+            plan = dataclasses.replace(plan, normalization={"mean": pooled.mean.tolist(), "scale": pooled.scale.tolist()})
+        strategy = build_strategy(study, plan, get_weights(model), recorder)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=study.rounds), strategy=strategy)
+        fit_workflow = StrictSecAggPlus(params, timeout=study.secure.timeout_s) if params else None
         DefaultWorkflow(fit_workflow=fit_workflow)(tapped, legacy)
         weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         set_weights(model, weights)

@@ -61,6 +61,8 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
                 n_test=int(props["n_test"]),
                 features=json.loads(str(props["features"])),
                 warnings=json.loads(str(props.get("warnings", "[]"))),
+                normalize=str(props.get("normalize", "site")),
+                indicators=json.loads(str(props.get("indicators", "[]"))),
             )
         )
     if problems:
@@ -89,4 +91,7 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
     order = [x.name for x in study.sites]
     for site in sites:
         site.order = order.index(site.name)
+        # put each site's per-feature indicator flags in the agreed (reference) order
+        flags = dict(zip(site.features, site.indicators))
+        site.indicators = [bool(flags.get(f, False)) for f in reference.features]
     return sorted(sites, key=lambda s: s.order)

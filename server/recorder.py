@@ -33,6 +33,8 @@ class SiteInfo:
     features: list[str]
     warnings: list[str] = field(default_factory=list)
     order: int = 0  # position in the study's list of sites
+    normalize: str = "site"
+    indicators: list[bool] = field(default_factory=list)  # per feature, in the agreed order
 
 
 def summarise(per_site: dict[str, dict[str, Any]], weights: dict[str, int]) -> dict[str, dict[str, float]]:

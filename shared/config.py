@@ -21,7 +21,7 @@ ACCOUNTANTS = ("rdp", "prv")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 OPTIMIZERS = ("sgd", "adam")
 MISSING = ("drop", "mean", "none")
-NORMALIZE = ("site", "none")
+NORMALIZE = ("site", "federated", "none")
 # Which model names make sense for which task.
 MODELS_FOR_TASK = {
     "binary": ("logistic", "mlp"),
@@ -62,6 +62,7 @@ class SecureAggregationConfig:
     max_dropouts: int = 0  # sites that may fail mid-round without halting it
     update_bound: float | None = None  # per-coordinate bound on a site's delta; None = derived
     timeout_s: float = 600.0  # per protocol stage; a silent site cannot stall the study forever
+    stats_bound: float = 1e4  # bound on per-feature means and mean squares sent in the statistics round
 
 
 @dataclass(frozen=True)
@@ -290,6 +291,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         max_dropouts=a.get("max_dropouts", int, 0),
         update_bound=bound,
         timeout_s=a.positive("timeout_s", float, 600.0),
+        stats_bound=a.positive("stats_bound", float, 1e4),
     )
     a.done()
     if bound is not None and bound <= 0:

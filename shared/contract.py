@@ -88,13 +88,16 @@ def load_site_data(
     task: str,
     categories: Mapping[str, Sequence[str]] | None = None,
     feature_order: Sequence[str] | None = None,
+    pooled: Standardizer | None = None,
 ) -> SiteData:
     """Apply the whole contract to a site: read, check, split, impute, encode, normalise.
 
     ``categories`` are the study's agreed levels for categorical columns (never
     learned from a site, so no site's vocabulary leaks). ``feature_order`` is the
     study's agreed order of encoded features; when given, the site's columns are
-    put in that order and any difference is an error.
+    put in that order and any difference is an error. ``pooled`` is the
+    standardisation agreed through the secure statistics round; a site with
+    ``normalize = "federated"`` stays unscaled until it has one.
     """
     spec = site.data
     categories = categories or {}
@@ -233,8 +236,8 @@ def load_site_data(
         x_train_frame, x_test_frame, names = x_train_frame[list(feature_order)], x_test_frame[list(feature_order)], list(feature_order)
     x_train = x_train_frame.to_numpy(dtype=np.float32)
     x_test = x_test_frame.to_numpy(dtype=np.float32)
-    if spec.normalize == "site":
-        scaler = Standardizer.fit(x_train)
+    scaler = Standardizer.fit(x_train) if spec.normalize == "site" else pooled if spec.normalize == "federated" else None
+    if scaler is not None:
         x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
 
     for message in warnings:

@@ -14,6 +14,7 @@ from shared.config import ModelOptions, PrivacyConfig, StudyConfig
 
 PLAN_KEY = "fedhelix.plan"
 ROUND_KEY = "fedhelix.round"
+STAGE_KEY = "fedhelix.stage"  # "stats" for the secure statistics round, absent for training
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,10 @@ class TrainingPlan:
     rounds: int = 1  # planned rounds: DP noise is calibrated for rounds x local_steps
     secure_aggregation: bool = False
     update_bound: float = 1.0  # per-coordinate clip of the delta before secure aggregation
+    stats_bound: float = 1e4  # clip of the values a site sends in the statistics round
+    # Pooled standardisation from the secure statistics round (normalize = "federated"):
+    # per agreed feature, the mean and scale every site uses.
+    normalization: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
     def from_study(cls, study: StudyConfig, features: list[str] | None = None) -> TrainingPlan:
@@ -54,6 +59,7 @@ class TrainingPlan:
             rounds=study.rounds,
             secure_aggregation=study.secure.enabled,
             update_bound=study.update_bound,
+            stats_bound=study.secure.stats_bound,
         )
 
     def to_json(self) -> str:

@@ -22,14 +22,31 @@ class Standardizer:
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardizer:
-        indicator = np.all((x == 0) | (x == 1), axis=0)
-        mean = np.where(indicator, 0.0, x.mean(axis=0))
-        std = x.std(axis=0)
-        scale = np.where(indicator | (std < 1e-12), 1.0, std)
-        return cls(mean.astype(np.float32), scale.astype(np.float32))
+        """Statistics of this site's own train split."""
+        m = moments(x)
+        return cls.from_moments(m[: x.shape[1]], m[x.shape[1] :], is_indicator(x))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean) / self.scale).astype(np.float32)
+
+    @classmethod
+    def from_moments(cls, mean: np.ndarray, mean_sq: np.ndarray, indicator: np.ndarray) -> Standardizer:
+        """Pooled standardisation from pooled first and second moments (secure statistics round)."""
+        var = np.maximum(np.asarray(mean_sq) - np.square(mean), 0.0)
+        std = np.sqrt(var)
+        scale = np.where(indicator | (std < 1e-12), 1.0, std)
+        return cls(np.where(indicator, 0.0, mean).astype(np.float32), scale.astype(np.float32))
+
+
+def is_indicator(x: np.ndarray) -> np.ndarray:
+    """Per column: are all values 0 or 1 (left unscaled by every standardiser)?"""
+    return np.all((x == 0) | (x == 1), axis=0)
+
+
+def moments(x: np.ndarray) -> np.ndarray:
+    """Per-feature mean and mean of squares, concatenated: what a site adds to the secure sum."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.concatenate([x.mean(axis=0), np.square(x).mean(axis=0)])
 
 
 def one_hot(values: pd.Series, column: str, levels: Sequence[str]) -> pd.DataFrame:

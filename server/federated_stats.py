@@ -1,0 +1,86 @@
+"""The secure statistics round: pooled feature standardisation without revealing any site's statistics.
+
+Before training, when the sites use ``normalize = "federated"``, every site sends
+its per-feature mean and mean of squares *through SecAgg+*, weighted by its
+number of training rows. The securely aggregated weighted mean is exactly the
+pooled mean and pooled mean square, from which the pooled standard deviation
+follows; the coordinator never sees one site's values. The result goes to every
+site in the training plan, so all standardise identically.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context
+from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+import flwr.compat.common.recorddict_compat as compat
+
+from server.recorder import SiteInfo
+from server.secure_aggregation import SecAggParams, StrictSecAggPlus
+from server.strategy import StudyAborted
+from shared.config import StudyConfig
+from shared.plan import PLAN_KEY, STAGE_KEY, TrainingPlan
+from shared.preprocess import Standardizer
+
+log = logging.getLogger("fedhelix.server")
+
+
+class _SecureMeanCollector(FedAvg):
+    """Receives the securely aggregated vector and keeps it; updates no model."""
+
+    result: np.ndarray | None = None
+
+    def aggregate_fit(self, server_round, results, failures):  # noqa: D102
+        if failures or not results:
+            raise StudyAborted(f"the secure statistics round failed at {len(failures)} site(s); no standardisation was agreed")
+        self.result = parameters_to_ndarrays(results[0][1].parameters)[0]
+        return None, {}
+
+
+def needs_federated_stats(sites: list[SiteInfo]) -> bool:
+    """True when the sites standardise with pooled statistics; mixing modes is an error."""
+    modes = {s.normalize for s in sites}
+    if "federated" in modes and len(modes) > 1:
+        detail = ", ".join(f"{s.name}={s.normalize}" for s in sites)
+        raise StudyAborted(f"sites disagree on normalize ({detail}); with \"federated\" every site must use it")
+    return modes == {"federated"}
+
+
+def secure_pooled_standardizer(grid, context: Context, study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], params: SecAggParams | None) -> Standardizer:
+    """Run one SecAgg+ round of feature moments and turn it into the pooled standardisation."""
+    if params is None:
+        raise StudyAborted('normalize = "federated" needs secure aggregation: without it the coordinator would see each site\'s statistics')
+    n_features = len(plan.features)
+    stats_params = SecAggParams(**{**params.__dict__, "clipping_range": study.secure.stats_bound})
+    config: dict[str, Any] = {PLAN_KEY: plan.to_json(), STAGE_KEY: "stats"}
+    collector = _SecureMeanCollector(
+        fraction_fit=1.0,
+        min_fit_clients=len(sites),
+        min_available_clients=len(sites),
+        on_fit_config_fn=lambda _: config,
+        initial_parameters=ndarrays_to_parameters([np.zeros(2 * n_features)]),
+    )
+    legacy = LegacyContext(context=Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config, state=type(context.state)(), run_config=context.run_config), config=ServerConfig(num_rounds=1), strategy=collector)
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(collector.initial_parameters, keep_input=True)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 0, Key.START_TIME: 0.0})
+    thread, stop, ready = start_update_client_manager_thread(grid, legacy.client_manager)
+    try:
+        ready.wait()
+        StrictSecAggPlus(stats_params, timeout=study.secure.timeout_s)(grid, legacy)
+    finally:
+        stop.set()
+        thread.join()
+    if collector.result is None:
+        raise StudyAborted("the secure statistics round returned no aggregate")
+    mean, mean_sq = collector.result[:n_features], collector.result[n_features:]
+    # A feature is left unscaled only if it is 0/1 at every site (known from the handshake).
+    indicator = np.all([np.asarray(s.indicators, dtype=bool) for s in sites], axis=0)
+    log.info("secure statistics round: pooled standardisation of %d features agreed by %d sites", n_features, len(sites))
+    return Standardizer.from_moments(mean, mean_sq, indicator)
