@@ -69,7 +69,9 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
     y = torch.from_numpy(data.y_train)
     optimizer = _optimizer(model, plan)
     if dp is not None:
-        sampler = np.random.default_rng(derived_seed(plan.seed, data.site, server_round, "poisson"))
+        # Secret batch selection: privacy amplification by sampling assumes the server cannot predict it.
+        seed = derived_seed(plan.seed, data.site, server_round, "poisson") if plan.privacy.reproducible_noise else secrets.randbits(63)
+        sampler = np.random.default_rng(seed)
         return _train_dp(model, x, y, plan, dp, optimizer, sampler, noise_generator(plan, data.site, server_round))
     loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins)
     global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None

@@ -22,7 +22,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 
 from server.federated_stats import needs_federated_stats, secure_pooled_standardizer
-from server.grid_tap import TappedGrid
+from server.grid_tap import Observer, TappedGrid
 from server.handshake import handshake
 from server.recorder import RunRecorder
 from server.report import write_reports
@@ -37,10 +37,10 @@ from shared.plan import TrainingPlan
 log = logging.getLogger("fedhelix.server")
 
 
-def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path) -> dict:
+def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, observe: Observer | None = None) -> dict:
     """Run one study on ``grid``; always leaves a report, raises if the study failed."""
     recorder = RunRecorder(out_dir, study.task)
-    tapped = TappedGrid(grid, recorder.observe_reply)
+    tapped = TappedGrid(grid, recorder.observe_reply, observe)
     status, error, sites = "completed", None, []
     final_model = None
     plan = TrainingPlan.from_study(study)
@@ -80,8 +80,11 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path) -
     return report
 
 
-def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: str | Path | None = None) -> ServerApp:
-    """Build the ServerApp; arguments pin the study and output (else taken from run config)."""
+def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: str | Path | None = None, observe: Observer | None = None) -> ServerApp:
+    """Build the ServerApp; arguments pin the study and output (else taken from run config).
+
+    ``observe`` receives every (sent, replies) exchange of the coordinator (tests, audits).
+    """
     app = ServerApp()
 
     @app.main()
@@ -92,7 +95,7 @@ def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: st
         out = Path(out_dir) if out_dir else resolve_path(str(context.run_config.get("out", "runs"))) / study.name
         log.info("study '%s': %s, %s model, %s, %d rounds, %d sites -> %s", study.name, study.task, study.model, study.strategy, study.rounds, len(study.sites), out)
         started = time.time()
-        run_study(grid, context, study, out)
+        run_study(grid, context, study, out, observe)
         log.info("study '%s' finished in %.1f s; report in %s", study.name, time.time() - started, out / "report.html")
 
     return app

@@ -89,6 +89,7 @@ def simulate(
     check: bool = True,
     echo: Callable[[str], None] = log.info,
     ledger_dir: str | Path | None = None,
+    observe=None,
 ) -> dict:
     """Run the study; return the report dict. Raises :class:`FedhelixError` on a failed study.
 
@@ -105,6 +106,10 @@ def simulate(
     if ledger_dir is None:
         ledger_dir = out / "ledgers"
         shutil.rmtree(ledger_dir, ignore_errors=True)  # a simulated run's ledgers start empty
+    if study.secure.enabled:  # structural SecAgg+ checks need no data: fail before Flower starts
+        from server.secure_aggregation import derive_params
+
+        derive_params(len(study.sites), study.secure.max_dropouts, study.update_bound, max_weight=1)
     if check:
         for line in preflight(study):
             echo(f"site check  {line}")
@@ -125,7 +130,7 @@ def simulate(
         if watcher:
             watcher.start()
         run_simulation(
-            server_app=create_server_app(study, out),
+            server_app=create_server_app(study, out, observe),
             client_app=_load_client_app_factory()(str(study.path), str(ledger_dir)),
             num_supernodes=len(study.sites),
             backend_config=backend,

@@ -10,8 +10,11 @@ process per message: nothing in memory survives).
 Every entry carries the SHA-256 of its content and of the previous entry, and
 the head of the chain is kept beside the entries: an edited, removed or
 reordered entry, or a file that is not a ledger, is an error, never a silent
-reset to zero spent. (This detects accidents and casual edits; the hospital,
-which owns the file, is trusted not to forge a whole chain.)
+reset to zero spent. Limits, stated plainly: the chain lives in the same file,
+so someone who deletes the newest entries *and* rewrites the stored head and
+count consistently is not detected by the file alone; this guards against
+accidents, partial copies and casual edits, and the hospital, which owns the
+file, is trusted not to roll back its own ledger (back it up like any record).
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ class PrivacyLedger:
                 self._db.execute("INSERT INTO meta VALUES ('site', ?), ('head', ?), ('count', '0')", (site, GENESIS))
                 log.info("site '%s': created privacy ledger %s", site, self.path)
             self._entries = self._verify()
+        except LedgerError:
+            self._db.close()
+            raise
         except sqlite3.DatabaseError as err:
             raise LedgerError(f"privacy ledger {self.path} of site '{site}' is unreadable ({err}); restore it from backup, never delete it") from None
 
