@@ -26,6 +26,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/tcga_seeds.py
+	$(BIN)/python bench/dp_utility.py
+	$(BIN)/python bench/dp_overhead.py
+	$(BIN)/python bench/secagg_overhead.py --sites 10 50 100
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

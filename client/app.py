@@ -26,7 +26,7 @@ from client.trainer import evaluate, train
 from shared.config import SiteConfig
 from shared.errors import DataContractError
 from shared.models import build_model
-from shared.params import NDArrays, get_weights, l2_norm, set_weights, subtract
+from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
 from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
 from shared.preprocess import is_indicator, moments
 
@@ -89,7 +89,13 @@ class SiteClient(NumPyClient):
         if config.get(STAGE_KEY) == "stats":
             return self._fit_statistics(plan, data)
         server_round = int(config[ROUND_KEY])
-        if plan.privacy.dp:
+        weight = data.n_train
+        if plan.privacy.dp and plan.privacy.level == "site":
+            metrics = train(model, data, plan, server_round)
+            delta = subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
+            delta, metrics["site_update_clipped"] = clip_l2(delta, plan.privacy.site_clipping_norm)
+            weight = 1  # central DP-FedAvg averages sites unweighted: the noise is calibrated to S / n_sites
+        elif plan.privacy.dp:
             metrics, delta = self._fit_private(plan, data, model, parameters, server_round)
         else:
             metrics = train(model, data, plan, server_round)
@@ -111,7 +117,7 @@ class SiteClient(NumPyClient):
         else:
             metrics["update_norm"] = norm
             log.info("site '%s' round %d: sending delta (L2 norm %.4g) from %d examples", self.site.name, server_round, norm, data.n_train)
-        return delta, data.n_train, _scalars({"site": self.site.name, **metrics})
+        return delta, weight, _scalars({"site": self.site.name, **metrics})
 
     def _fit_private(self, plan: TrainingPlan, data, model, parameters, server_round: int):
         """DP-SGD round: refuse before training if the ledger's budget would be exceeded."""

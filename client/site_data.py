@@ -43,7 +43,7 @@ def load_for_plan(site: SiteConfig, plan: TrainingPlan) -> SiteData:
     return _cached(site, mtime, plan.task, json.dumps(plan.categories, sort_keys=True), tuple(plan.features), pooled)
 
 
-@lru_cache(maxsize=8)
+@lru_cache(maxsize=64)  # a simulation actor serves many sites
 def _cached(site: SiteConfig, _mtime: int, task: str, categories: str, features: tuple[str, ...], pooled: str) -> SiteData:
     scaler = None
     if pooled:

@@ -76,9 +76,38 @@ EPSILON_SCOPE = (
 )
 
 
+SITE_LEVEL_SCOPE = (
+    "site-level (central) DP: each site's whole update is clipped to the study's L2 bound and the coordinator "
+    "adds Gaussian noise to the average, so epsilon bounds what the model reveals about any one site's entire "
+    "dataset (and so about any one patient). It relies on the coordinator adding the noise (sites cannot verify "
+    "it) and does not cover per-site metrics or counts. It is not written to the sites' record-level ledgers."
+)
+
+
 def privacy_summary(study: StudyConfig, recorder: RunRecorder) -> dict[str, Any]:
     """Per site: epsilon spent (ledger value after its last round), delta, noise, refusals."""
     summary: dict[str, Any] = {}
+    if study.privacy.dp and study.privacy.level == "site":
+        from server.strategy import site_level_noise
+        from shared.accounting import epsilon
+
+        sigma = site_level_noise(study)
+        by_round = {str(r["round"]): epsilon([(sigma, 1.0, r["round"])], study.privacy.delta, study.privacy.accountant) for r in recorder.rounds}
+        for ref in study.sites:
+            summary[ref.name] = {
+                "level": "site",
+                "epsilon": by_round[str(recorder.rounds[-1]["round"])] if recorder.rounds else 0.0,
+                "delta": study.privacy.delta,
+                "noise_multiplier": sigma,
+                "clipping_norm": study.privacy.site_clipping_norm,
+                "target_epsilon": study.privacy.target_epsilon,
+                "accountant": study.privacy.accountant,
+                "epsilon_by_round": by_round,
+                "epsilon_budget": None,
+                "refusals": [],
+                "covers": SITE_LEVEL_SCOPE,
+            }
+        return summary
     for ref in study.sites:
         if not study.privacy.dp:
             summary[ref.name] = None
@@ -97,6 +126,7 @@ def privacy_summary(study: StudyConfig, recorder: RunRecorder) -> dict[str, Any]
             "accountant": study.privacy.accountant,
             "epsilon_by_round": {str(rnd): m.get("epsilon") for rnd, m in trained},
             "refusals": refusals,
+            "level": "record",
             "covers": EPSILON_SCOPE,
         }
     return summary
@@ -220,7 +250,8 @@ def render_html(report: dict[str, Any]) -> str:
     else:
         rows = [[k, v["epsilon"] if v["epsilon"] is not None else "n/a", v["epsilon_budget"] or "n/a", v["delta"] or "n/a", v["noise_multiplier"] or "n/a", "; ".join(v["refusals"]) or "none"] for k, v in report["privacy"].items() if v]
         privacy = _table(rows, ["site", "epsilon spent", "budget", "delta", "noise multiplier", "refusals"])
-        privacy += f"<p><small>{html.escape(EPSILON_SCOPE)}</small></p>"
+        covers = next(v["covers"] for v in report["privacy"].values() if v)
+        privacy += f"<p><small>{html.escape(covers)}</small></p>"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>fedhelix report: {html.escape(study['name'])}</title>
 <style>

@@ -15,9 +15,18 @@ from typing import Any
 import numpy as np
 from flwr.common import FitRes, Parameters, Scalar, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
-from flwr.server.strategy import FedAdagrad, FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.server.strategy import (
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
 
 from server.recorder import RunRecorder
+from shared.accounting import calibrate_noise
 from shared.config import StudyConfig
 from shared.params import NDArrays
 from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
@@ -99,6 +108,27 @@ class DeltaAggregationMixin:
         return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
 
 
+class SiteLevelDP(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's central DP (sites clip, the coordinator adds noise), without its silent skip.
+
+    Flower's wrapper returns no update when any site failed; a round that
+    silently does nothing is a failure we report instead.
+    """
+
+    def aggregate_fit(self, server_round, results, failures):  # noqa: D102
+        if failures:
+            raise StudyAborted(
+                f"round {server_round}: {len(failures)} site(s) failed; site-level DP calibrates its noise to every "
+                "sampled site, so the round cannot be aggregated"
+            )
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def site_level_noise(study: StudyConfig) -> float:
+    """Noise multiplier for site-level DP: every site sampled in every round (q = 1)."""
+    return calibrate_noise(study.privacy.target_epsilon, study.privacy.delta, 1.0, study.rounds, study.privacy.accountant)
+
+
 def build_strategy(study: StudyConfig, plan: TrainingPlan, initial: NDArrays, recorder: RunRecorder) -> Strategy:
     """The study's strategy over deltas, configured from the study file."""
     base = BASES[study.strategy]
@@ -127,4 +157,8 @@ def build_strategy(study: StudyConfig, plan: TrainingPlan, initial: NDArrays, re
     strategy = cls(**kwargs)
     strategy.recorder = recorder
     strategy.required_sites = study.required_sites
+    if study.privacy.dp and study.privacy.level == "site":
+        sigma = site_level_noise(study)
+        log.info("site-level DP: clipping norm %g, noise multiplier %.3f for epsilon %g over %d rounds", study.privacy.site_clipping_norm, sigma, study.privacy.target_epsilon, study.rounds)
+        return SiteLevelDP(strategy, noise_multiplier=sigma, clipping_norm=study.privacy.site_clipping_norm, num_sampled_clients=n_sites)
     return strategy

@@ -18,6 +18,7 @@ from shared.errors import ConfigError
 TASKS = ("binary", "regression", "survival")
 MODELS = ("logistic", "mlp", "cox", "hazard")
 ACCOUNTANTS = ("rdp", "prv")
+DP_LEVELS = ("record", "site")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
 OPTIMIZERS = ("sgd", "adam")
 MISSING = ("drop", "mean", "none")
@@ -52,6 +53,8 @@ class PrivacyConfig:
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
     reproducible_noise: bool = False  # tests only: seed the DP noise from the study seed
+    level: str = "record"  # record: DP-SGD at each site (protects a patient); site: central DP (protects a site)
+    site_clipping_norm: float = 1.0  # level = "site": L2 bound of each site's whole update
 
 
 @dataclass(frozen=True)
@@ -123,6 +126,8 @@ class StudyConfig:
         """
         if self.secure.update_bound is not None:
             return self.secure.update_bound
+        if self.privacy.dp and self.privacy.level == "site":
+            return self.privacy.site_clipping_norm  # an L2 bound bounds every coordinate
         if self.privacy.dp:
             return self.learning_rate * self.local_steps * self.privacy.max_grad_norm
         return 1.0
@@ -282,6 +287,8 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         max_grad_norm=p.positive("max_grad_norm", float, 1.0),
         accountant=p.get("accountant", str, "rdp", choices=ACCOUNTANTS),
         reproducible_noise=p.get("reproducible_noise", bool, False),
+        level=p.get("level", str, "record", choices=DP_LEVELS),
+        site_clipping_norm=p.positive("site_clipping_norm", float, 1.0),
     )
     p.done()
     a = _Section(doc.get("secure_aggregation", {}), "secure_aggregation", source)
@@ -300,7 +307,12 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         raise ConfigError(f"{source}: [secure_aggregation] max_dropouts must be >= 0")
     if privacy.delta >= 1:
         raise ConfigError(f"{source}: [privacy] delta must be < 1 (typically below 1/n_train)")
-    if privacy.dp and task == "survival" and model not in DP_SURVIVAL_MODELS:
+    if privacy.dp and privacy.level == "site" and study["strategy"] != "fedavg":
+        raise ConfigError(
+            f"{source}: [privacy] level = \"site\" needs strategy = \"fedavg\": Flower's central-DP wrapper adds "
+            "its noise to the averaged model, which an adaptive server optimiser would rescale"
+        )
+    if privacy.dp and privacy.level == "record" and task == "survival" and model not in DP_SURVIVAL_MODELS:
         raise ConfigError(
             f"{source}: model '{model}' cannot be trained with dp = true: the Cox partial likelihood couples every "
             "patient of a batch through the risk set, so per-sample clipping does not bound one patient's influence; "

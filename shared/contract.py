@@ -138,6 +138,11 @@ def load_site_data(
             raise err(column, "declared categorical but not a feature column", "fix [data] categorical")
 
     # ---- types -------------------------------------------------------------
+    dtypes = frame.dtypes  # checked per dtype object, never by extracting columns (wide tables)
+
+    def is_number(column: str) -> bool:
+        return pd.api.types.is_numeric_dtype(dtypes[column]) or pd.api.types.is_bool_dtype(dtypes[column])
+
     for column in features:
         if column in spec.categorical:
             if column not in categories:
@@ -147,7 +152,7 @@ def load_site_data(
                     f"the study file must list them under [data.categories] {column} = [...]",
                 )
             continue
-        if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
+        if not is_number(column):
             example = frame[column].dropna().astype(str).head(1).tolist()
             raise err(
                 column,
@@ -155,7 +160,7 @@ def load_site_data(
                 "clean the values or declare it in [data] categorical",
             )
     for column in targets:
-        if not (pd.api.types.is_numeric_dtype(frame[column]) or pd.api.types.is_bool_dtype(frame[column])):
+        if not is_number(column):
             raise err(column, "target column is not numeric", "encode it as numbers (event/label 0 or 1)")
     if task in ("binary", "survival") and not _binary(frame[spec.label]):
         seen = sorted(map(str, pd.unique(frame[spec.label].dropna())))[:5]
@@ -163,9 +168,9 @@ def load_site_data(
         raise err(spec.label, f"{role} must be 0/1, found {', '.join(seen) or 'no values'}", f"recode the {role} as 0 and 1")
     numeric = [c for c in features if c not in spec.categorical] + targets
     values = frame[numeric].astype(float)
-    infinite = [c for c in numeric if np.isinf(values[c].to_numpy()).any()]
-    if infinite:
-        raise err(infinite[0], "contains infinite values", "replace them or remove those rows")
+    infinite = values.columns[np.isinf(values.to_numpy()).any(axis=0)]
+    if len(infinite):
+        raise err(str(infinite[0]), "contains infinite values", "replace them or remove those rows")
     if task == "survival":
         negative = int((values[spec.time] < 0).sum())
         if negative:
@@ -228,8 +233,9 @@ def load_site_data(
         x_train_frame = x_train_frame.fillna(means).fillna(0.0)
         x_test_frame = x_test_frame.fillna(means).fillna(0.0)
     if feature_order is not None:
-        missing_here = [f for f in feature_order if f not in names]
-        extra_here = [f for f in names if f not in set(feature_order)]
+        have, want = set(names), set(feature_order)
+        missing_here = [f for f in feature_order if f not in have]
+        extra_here = [f for f in names if f not in want]
         if missing_here or extra_here:
             detail = f"missing {missing_here[:3]}" if missing_here else f"unexpected {extra_here[:3]}"
             raise err(None, f"features differ from the study's agreed list ({detail})", "align the site's columns with the study")
@@ -255,9 +261,21 @@ def load_site_data(
 
 
 def _encode(part: pd.DataFrame, features, categorical, categories, err) -> tuple[pd.DataFrame, list[str]]:
-    blocks = []
-    for column in features:
-        if column in categorical:
+    """Numeric columns as floats, categorical ones one-hot, in the feature order.
+
+    Runs of numeric columns are converted as one block, so a wide expression
+    matrix (thousands of columns) costs no per-column Python work.
+    """
+    blocks: list[pd.DataFrame] = []
+    run: list[str] = []
+    for column in [*features, None]:
+        if column is not None and column not in categorical:
+            run.append(column)
+            continue
+        if run:
+            blocks.append(part[run].astype(float))
+            run = []
+        if column is not None:
             levels = list(categories[column])
             values = part[column]
             if pd.api.types.is_float_dtype(values) and bool((values.dropna() % 1 == 0).all()):
@@ -267,8 +285,6 @@ def _encode(part: pd.DataFrame, features, categorical, categories, err) -> tuple
             if unknown:
                 raise err(column, f"value(s) {unknown[:3]} not among the study's levels {levels}", "recode them or ask the admin to add the level")
             blocks.append(one_hot(values, column, levels))
-        else:
-            blocks.append(part[[column]].astype(float))
     encoded = pd.concat(blocks, axis=1)
     return encoded, [str(c) for c in encoded.columns]
 

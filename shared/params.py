@@ -33,3 +33,11 @@ def add(a: NDArrays, b: NDArrays) -> NDArrays:
 
 def l2_norm(arrays: NDArrays) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays)))
+
+
+def clip_l2(arrays: NDArrays, bound: float) -> tuple[NDArrays, bool]:
+    """Scale ``arrays`` down to L2 norm ``bound`` if larger; also say whether it was clipped."""
+    norm = l2_norm(arrays)
+    if norm <= bound:
+        return arrays, False
+    return [a * (bound / norm) for a in arrays], True

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from client.privacy import budget
-from client.privacy.accounting import calibrate_noise, epsilon
+from shared.accounting import calibrate_noise, epsilon
 from client.privacy.budget import plan_dp_round
 from shared.config import DataSpec, ModelOptions, PrivacyConfig, SiteConfig, SitePrivacy
 from shared.errors import ConfigError

@@ -14,7 +14,7 @@ import pytest
 
 import client.app as client_app
 from client.app import SiteClient
-from client.privacy.accounting import epsilon
+from shared.accounting import epsilon
 from client.privacy.ledger import BudgetRefused, LedgerEntry, LedgerError, PrivacyLedger, _digest
 from shared.config import parse_site, parse_study
 from shared.errors import ConfigError

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from client.privacy.accounting import Step, calibrate_noise
+from shared.accounting import Step, calibrate_noise
 from client.privacy.ledger import PrivacyLedger
 from shared.config import SiteConfig
 from shared.errors import ConfigError

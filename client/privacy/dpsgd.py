@@ -40,7 +40,8 @@ def _clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> tuple[torch.T
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), norms
 
 
-def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm):
+def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm):
+    """Per layer: inputs A and output gradients G; per sample: clip factors and norms."""
     inputs: dict[nn.Linear, torch.Tensor] = {}
     outputs: dict[nn.Linear, torch.Tensor] = {}
 
@@ -65,11 +66,15 @@ def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm):
         if layer.bias is not None and layer.bias.requires_grad:
             sq = sq + g.pow(2).sum(1)
     factors, norms = _clip_factors(sq, max_grad_norm)
+    return [(layer, inputs[layer], g * factors.unsqueeze(1)) for layer, g in zip(layers, out_grads)], norms
+
+
+def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm):
+    scaled_layers, norms = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm)
     grads: dict[nn.Parameter, torch.Tensor] = {}
-    for layer, g in zip(layers, out_grads):
-        scaled = g * factors.unsqueeze(1)
+    for layer, a, scaled in scaled_layers:
         if layer.weight.requires_grad:
-            grads[layer.weight] = scaled.T @ inputs[layer]
+            grads[layer.weight] = scaled.T @ a
         if layer.bias is not None and layer.bias.requires_grad:
             grads[layer.bias] = scaled.sum(0)
     return grads, norms
@@ -121,17 +126,35 @@ def noisy_step(
     expected_batch_size: float,
     noise: torch.Generator,
 ) -> None:
-    """One DP-SGD step on an (already Poisson-sampled, possibly empty) batch."""
+    """One DP-SGD step on an (already Poisson-sampled, possibly empty) batch.
+
+    Each gradient is ``(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / (q n)``.
+    On the Linear fast path noise, clipped sum and scaling are fused into one
+    ``addmm`` per weight, so the step costs little more than a plain one.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    grads = clipped_grad_sum(model, loss_fn, x, y, max_grad_norm)[0] if len(x) else {}
-    # One draw for all tensors: N(0, (sigma * C)^2) per coordinate.
-    gaussian = torch.randn(sum(p.numel() for p in params), generator=noise).mul_(noise_multiplier * max_grad_norm)
-    offset = 0
+    std = noise_multiplier * max_grad_norm
+    scale = 1.0 / expected_batch_size
+    # One standard-normal draw for all tensors, split per parameter.
+    gaussian = torch.randn(sum(p.numel() for p in params), generator=noise)
+    chunks, offset = {}, 0
     for p in params:
-        chunk = gaussian[offset : offset + p.numel()].view_as(p)
+        chunks[p] = gaussian[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
-        summed = grads.get(p)
-        p.grad = (chunk if summed is None else summed + chunk) / expected_batch_size
+    layers = _linear_layers(model) if len(x) else None
+    if layers is not None:
+        scaled_layers, _ = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm)
+        for layer, a, scaled in scaled_layers:
+            if layer.weight.requires_grad:
+                layer.weight.grad = torch.addmm(chunks.pop(layer.weight), scaled.T, a, beta=std * scale, alpha=scale)
+            if layer.bias is not None and layer.bias.requires_grad:
+                layer.bias.grad = torch.add(scaled.sum(0), chunks.pop(layer.bias), alpha=std).mul_(scale)
+    elif len(x):
+        grads = clipped_grad_sum(model, loss_fn, x, y, max_grad_norm)[0]
+        for p, summed in grads.items():
+            p.grad = torch.add(summed, chunks.pop(p), alpha=std).mul_(scale)
+    for p, chunk in chunks.items():  # tensors with no data this step (e.g. an empty batch): noise only
+        p.grad = chunk.mul(std * scale)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from client.privacy.accounting import Step, epsilon
+from shared.accounting import Step, epsilon
 from shared.errors import FedhelixError
 
 log = logging.getLogger("fedhelix.ledger")

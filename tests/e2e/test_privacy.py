@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from client.privacy.accounting import epsilon
+from shared.accounting import epsilon
 from client.privacy.budget import plan_dp_round
 from client.privacy.ledger import PrivacyLedger
 from server.simulate import simulate

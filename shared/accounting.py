@@ -1,4 +1,4 @@
-"""Privacy accounting with Opacus's accountants (RDP or PRV); nothing hand-derived."""
+"""Privacy accounting with Opacus's accountants (RDP or PRV); nothing hand-derived. Used by sites (record-level DP-SGD) and the coordinator (site-level DP)."""
 
 from __future__ import annotations
 
