@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 from flwr.client import Client, ClientApp, NumPyClient
+from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
+import flwr.compat.common.recorddict_compat as compat
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.privacy.budget import open_ledger, plan_dp_round
@@ -24,7 +26,7 @@ from client.privacy.ledger import LedgerEntry
 from client.site_data import load_for_plan, resolve_site
 from client.trainer import evaluate, train
 from shared.config import SiteConfig
-from shared.errors import DataContractError
+from shared.errors import ConfigError, DataContractError
 from shared.models import build_model
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
 from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
@@ -41,9 +43,10 @@ def _scalars(metrics: dict) -> dict:
 class SiteClient(NumPyClient):
     """Trains and evaluates the global model on one site's private data."""
 
-    def __init__(self, site: SiteConfig, ledger_dir: str | None = None) -> None:
+    def __init__(self, site: SiteConfig, ledger_dir: str | None = None, simulation: bool = False) -> None:
         self.site = site
         self.ledger_dir = ledger_dir
+        self.simulation = simulation  # only a simulation may accept reproducible (predictable) DP noise
 
     def _setup(self, config: dict, parameters: NDArrays | None = None):
         plan = TrainingPlan.from_json(str(config[PLAN_KEY]))
@@ -73,6 +76,8 @@ class SiteClient(NumPyClient):
         Weighted by n_train, the secure weighted mean over sites is exactly the pooled
         mean and pooled mean square; the coordinator never sees this site's values.
         """
+        if self.site.data.normalize != "federated":
+            raise ConfigError(f"site '{self.site.name}' refused the statistics round: its site file does not ask for normalize = \"federated\"")
         values = moments(data.x_train)
         worst = int(np.argmax(np.abs(values)))
         if abs(values[worst]) > plan.stats_bound:
@@ -91,15 +96,16 @@ class SiteClient(NumPyClient):
         server_round = int(config[ROUND_KEY])
         weight = data.n_train
         if plan.privacy.dp and plan.privacy.level == "site":
-            metrics = train(model, data, plan, server_round)
-            delta = subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
-            delta, metrics["site_update_clipped"] = clip_l2(delta, plan.privacy.site_clipping_norm)
+            self._accept_site_level(plan)
+            train(model, data, plan, server_round)
+            delta, clipped = clip_l2(_delta(model, parameters), plan.privacy.site_clipping_norm)
+            metrics = {"site_update_clipped": clipped}  # no train loss: it is not covered by any noise
             weight = 1  # central DP-FedAvg averages sites unweighted: the noise is calibrated to S / n_sites
         elif plan.privacy.dp:
             metrics, delta = self._fit_private(plan, data, model, parameters, server_round)
         else:
             metrics = train(model, data, plan, server_round)
-            delta = subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
+            delta = _delta(model, parameters)
         if not all(np.isfinite(d).all() for d in delta):
             raise DataContractError(
                 f"site '{self.site.name}': training diverged in round {server_round} (non-finite update); "
@@ -121,21 +127,39 @@ class SiteClient(NumPyClient):
 
     def _fit_private(self, plan: TrainingPlan, data, model, parameters, server_round: int):
         """DP-SGD round: refuse before training if the ledger's budget would be exceeded."""
+        if plan.privacy.reproducible_noise and not self.simulation:
+            raise ConfigError(
+                f"site '{self.site.name}' refused: the study asks for reproducible DP noise, which the coordinator "
+                "could predict and subtract; that setting is for simulations only"
+            )
         dp = plan_dp_round(plan, self.site, data.n_train)
         ledger, budget = open_ledger(self.site, self.ledger_dir)
         try:
-            eps_after = ledger.check(plan.study, server_round, dp.step, dp.delta, dp.accountant, budget)
+            ledger.check(plan.study, server_round, dp.step, dp.delta, dp.accountant, budget)
             metrics = train(model, data, plan, server_round, dp=dp)
-            delta = subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
-            # Recorded before the update leaves: a crash after this line over-counts, never under-counts.
-            ledger.record(
-                LedgerEntry(plan.study, server_round, dp.steps, dp.sample_rate, dp.noise_multiplier, dp.max_grad_norm, dp.accountant, dp.delta, eps_after)
+            delta = _delta(model, parameters)
+            # Recorded before the update leaves (a crash after this line over-counts, never
+            # under-counts), with the budget checked again against what other studies spent meanwhile.
+            entry = ledger.record(
+                LedgerEntry(plan.study, server_round, dp.steps, dp.sample_rate, dp.noise_multiplier, dp.max_grad_norm, dp.accountant, dp.delta, 0.0),
+                budget=budget,
             )
+            eps_after = entry.epsilon_after
         finally:
             ledger.close()
         log.info("site '%s' round %d: DP-SGD, sigma=%.3f q=%.4f, epsilon now %.3f of budget %g", self.site.name, server_round, dp.noise_multiplier, dp.sample_rate, eps_after, budget)
         privacy = {"epsilon": eps_after, "delta": dp.delta, "noise_multiplier": dp.noise_multiplier, "sample_rate": dp.sample_rate, "epsilon_budget": budget}
         return {**metrics, **privacy}, delta
+
+    def _accept_site_level(self, plan: TrainingPlan) -> None:
+        """Site-level DP puts the noise in the coordinator's hands: only on the site's explicit consent."""
+        if self.site.privacy is None or not self.site.privacy.allow_site_level:
+            raise ConfigError(
+                f"site '{self.site.name}' refused: the study uses site-level DP, where the coordinator adds the noise; "
+                "set [privacy] allow_site_level = true in the site file to accept that"
+            )
+        if not plan.secure_aggregation:
+            raise ConfigError(f"site '{self.site.name}' refused: site-level DP without secure aggregation would reveal its un-noised update")
 
     def evaluate(self, parameters, config):
         plan, data, model = self._setup(config, parameters)
@@ -143,14 +167,25 @@ class SiteClient(NumPyClient):
         return loss, data.n_test, _scalars({"site": self.site.name, **metrics})
 
 
+def _delta(model, parameters: NDArrays) -> NDArrays:
+    """What a site shares: its locally trained weights minus the global weights it received."""
+    return subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
+
+
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Run Flower's SecAgg+ client protocol for studies that use it, pass others through.
 
     Flower's ``secaggplus_mod`` fails on a plain (non-SecAgg) train message, and a
-    node must serve both kinds of study.
+    node must serve both kinds of study. A train message *without* SecAgg+ for a
+    study whose plan says secure aggregation (or for the statistics round) is
+    refused: the site never sends in the clear what the study promised to mask.
     """
     if "secaggplus_configs" in msg.content.config_records:
         return secaggplus_mod(msg, ctxt, call_next)
+    if msg.metadata.message_type == MessageType.TRAIN:
+        config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
+        if config.get(STAGE_KEY) == "stats" or (PLAN_KEY in config and TrainingPlan.from_json(str(config[PLAN_KEY])).secure_aggregation):
+            raise ConfigError("refused: the study requires secure aggregation but this update was requested without SecAgg+")
     return call_next(msg, ctxt)
 
 
@@ -158,13 +193,15 @@ def create_client_app(study_path: str | None = None, ledger_dir: str | None = No
     """Build the ClientApp; ``study_path`` pins the study in simulation (else run config).
 
     ``ledger_dir`` (simulations only) keeps each run's privacy ledgers apart
-    from the sites' real ledgers; run config ``ledger-dir`` does the same for ``flwr run``.
+    from the sites' real ledgers. A node may relocate its ledgers with its own
+    node config ``ledger-dir`` (never the run config, which the coordinator sets).
     """
+    simulation = study_path is not None
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # tiny models; one thread avoids oversubscribing small hosts
-        ledgers = ledger_dir or context.run_config.get("ledger-dir")
-        return SiteClient(resolve_site(context, study_path), str(ledgers) if ledgers else None).to_client()
+        ledgers = ledger_dir or context.node_config.get("ledger-dir")
+        return SiteClient(resolve_site(context, study_path), str(ledgers) if ledgers else None, simulation).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
 

@@ -55,7 +55,7 @@ def ledger_show_command(
     for i, e in enumerate(entries, start=1):
         table.add_row(str(i), e.created, e.study, str(e.round), str(e.steps), f"{e.sample_rate:.4f}", f"{e.noise_multiplier:.3f}", f"{e.max_grad_norm:g}", e.accountant, f"{e.epsilon_after:.3f}")
     console.print(table)
-    delta = config.privacy.delta or (entries[-1].delta if entries else 1e-5)
+    delta = config.privacy.delta  # the site's delta: the one its live budget checks use
     spent = ledger.spent(delta, accountant)
     budget = config.privacy.epsilon_budget
     console.print(f"spent epsilon = {spent:.3f} at delta = {delta:g} ({accountant}, all studies composed); budget {budget:g}; remaining {max(budget - spent, 0):.3f}")

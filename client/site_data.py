@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context
 
-from shared.config import SiteConfig, load_site, load_study
+from shared.config import SiteConfig, load_site, load_site_ref, load_study
 from shared.contract import SiteData, load_site_data
 from shared.errors import ConfigError
 from shared.preprocess import Standardizer
@@ -30,10 +30,7 @@ def resolve_site(context: Context, study_path: str | None = None) -> SiteConfig:
     index = int(context.node_config["partition-id"])
     if index >= len(study.sites):
         raise ConfigError(f"simulation node {index} has no site in {study.path} ({len(study.sites)} listed)")
-    site = load_site(study.sites[index].config)
-    if site.name != study.sites[index].name:
-        raise ConfigError(f"{study.path}: site '{study.sites[index].name}' points at a site file named '{site.name}'")
-    return site
+    return load_site_ref(study.sites[index], study.path)
 
 
 def load_for_plan(site: SiteConfig, plan: TrainingPlan) -> SiteData:

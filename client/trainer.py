@@ -12,6 +12,7 @@ from torch import nn
 from client.privacy.budget import DPRound
 from client.privacy.dpsgd import noisy_step, poisson_batch
 from shared.contract import SiteData
+from shared.errors import ConfigError
 from shared.metrics import task_metrics
 from shared.plan import TrainingPlan
 from shared.tasks import loss_for, per_sample_loss, predict
@@ -41,19 +42,17 @@ def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=plan.learning_rate)
 
 
-def noise_generator(plan: TrainingPlan, site: str, server_round: int) -> torch.Generator:
-    """DP noise source: seeded from the OS's CSPRNG, or from the study seed when a test asks.
+def dp_seed(plan: TrainingPlan, site: str, server_round: int, purpose: str) -> int:
+    """Seed of the DP noise and Poisson batches: OS-random, or the study seed when a test asks.
 
-    torch's generator is not itself cryptographically secure (Opacus's
+    torch's and NumPy's generators are not cryptographically secure (Opacus's
     ``secure_mode`` needs torchcsprng, which does not install with torch 2.13);
-    a fresh 63-bit OS-random seed per round at least keeps noise unpredictable
-    and distinct across rounds and forked processes.
+    a fresh 63-bit OS-random seed per round keeps noise and batch selection
+    unpredictable to the coordinator and distinct across rounds and forked processes.
     """
     if plan.privacy.reproducible_noise:
-        seed = derived_seed(plan.seed, site, server_round, "noise")
-    else:
-        seed = secrets.randbits(63)
-    return torch.Generator().manual_seed(seed)
+        return derived_seed(plan.seed, site, server_round, purpose)
+    return secrets.randbits(63)
 
 
 def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None) -> dict[str, float]:
@@ -70,9 +69,9 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
     optimizer = _optimizer(model, plan)
     if dp is not None:
         # Secret batch selection: privacy amplification by sampling assumes the server cannot predict it.
-        seed = derived_seed(plan.seed, data.site, server_round, "poisson") if plan.privacy.reproducible_noise else secrets.randbits(63)
-        sampler = np.random.default_rng(seed)
-        return _train_dp(model, x, y, plan, dp, optimizer, sampler, noise_generator(plan, data.site, server_round))
+        sampler = np.random.default_rng(dp_seed(plan, data.site, server_round, "poisson"))
+        noise = torch.Generator().manual_seed(dp_seed(plan, data.site, server_round, "noise"))
+        return _train_dp(model, x, y, plan, dp, optimizer, sampler, noise)
     loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins)
     global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
     model.train()
@@ -93,9 +92,9 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
 def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: np.random.Generator, noise: torch.Generator) -> dict[str, float]:
     loss_fn = per_sample_loss(plan.task, plan.model, plan.model_options.time_bins)
     if loss_fn is None:
-        raise ValueError(f"model {plan.model!r} has no per-sample loss; it cannot be trained under DP")
+        raise ConfigError(f"model {plan.model!r} has no per-sample loss; it cannot be trained under DP")
     if plan.proximal_mu > 0:
-        raise ValueError("FedProx's proximal term is not supported under DP-SGD")
+        raise ConfigError("FedProx's proximal term is not supported under DP-SGD")
     model.train()
     expected = dp.sample_rate * len(x)
     for _ in range(dp.steps):

@@ -30,6 +30,7 @@ from server.report import write_reports
 from server.secure_aggregation import StrictSecAggPlus, derive_params
 from server.strategy import build_strategy
 from shared.config import StudyConfig, load_study
+from shared.errors import FedhelixError
 from shared.models import build_model
 from shared.params import get_weights, set_weights
 from shared.paths import resolve_path
@@ -80,7 +81,10 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         if len(recorder.rounds) < study.rounds:
             raise RuntimeError(f"only {len(recorder.rounds)} of {study.rounds} rounds completed")
     except Exception as err:  # the report must say what happened, then the run fails loudly
-        status, error = "failed", str(err)
+        status, error = "failed", err.line if isinstance(err, FedhelixError) else str(err)
+        causes = [f"{f['site']}: {f['reason']}" for f in recorder.failures if f["reason"] not in error]
+        if causes:  # e.g. a halted SecAgg+ round: say which sites failed and why
+            error += " | site failures: " + "; ".join(dict.fromkeys(causes[-3:]))
         log.error("study '%s' failed: %s", study.name, err)
         raise
     finally:

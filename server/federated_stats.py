@@ -10,6 +10,7 @@ site in the training plan, so all standardise identically.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -58,7 +59,8 @@ def secure_pooled_standardizer(grid, context: Context, study: StudyConfig, plan:
     if params is None:
         raise StudyAborted('normalize = "federated" needs secure aggregation: without it the coordinator would see each site\'s statistics')
     n_features = len(plan.features)
-    stats_params = SecAggParams(**{**params.__dict__, "clipping_range": study.secure.stats_bound})
+    # Sites weight their moments by n_train here (also under site-level DP, where training uses weight 1).
+    stats_params = dataclasses.replace(params, clipping_range=study.secure.stats_bound, max_weight=float(max(s.n_train for s in sites)))
     config: dict[str, Any] = {PLAN_KEY: plan.to_json(), STAGE_KEY: "stats"}
     collector = _SecureMeanCollector(
         fraction_fit=1.0,

@@ -67,14 +67,17 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
         )
     if problems:
         raise StudyAborted(f"{len(problems)} site(s) failed the data contract, nothing was trained: " + " | ".join(problems))
-    expected = {s.name for s in study.sites}
+    expected = [s.name for s in study.sites]
     names = [s.name for s in sites]
-    unknown = sorted(set(names) - expected)
+    unknown = sorted(set(names) - set(expected))
     if unknown:
-        raise StudyAborted(f"unknown site(s) {', '.join(unknown)} answered; the study lists {', '.join(sorted(expected))}")
+        raise StudyAborted(f"unknown site(s) {', '.join(unknown)} answered; the study lists {', '.join(expected)}")
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise StudyAborted(f"site name(s) {', '.join(twice)} answered from more than one node")
+    for site in sites:
+        site.order = expected.index(site.name)
+    sites.sort(key=lambda s: s.order)  # the study's first site fixes the feature order
     reference = sites[0]
     for site in sites[1:]:
         if set(site.features) != set(reference.features):
@@ -88,10 +91,8 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
         log.info("site '%s': %d train / %d test examples, %d features", site.name, site.n_train, site.n_test, len(site.features))
         for warning in site.warnings:
             log.warning("site '%s': %s", site.name, warning)
-    order = [x.name for x in study.sites]
     for site in sites:
-        site.order = order.index(site.name)
         # put each site's per-feature indicator flags in the agreed (reference) order
         flags = dict(zip(site.features, site.indicators))
         site.indicators = [bool(flags.get(f, False)) for f in reference.features]
-    return sorted(sites, key=lambda s: s.order)
+    return sites

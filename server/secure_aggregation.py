@@ -54,7 +54,7 @@ class SecAggParams:
 def derive_params(n_sites: int, max_dropouts: int, update_bound: float, max_weight: int) -> SecAggParams:
     """SecAgg+ parameters for ``n_sites``; a configuration that cannot work is rejected here, before round 1."""
     if n_sites < 3:
-        raise ConfigError(f"secure aggregation needs at least 3 sites (the study has {n_sites}); add sites or set [secure_aggregation] enabled = false")
+        raise ConfigError(f"secure aggregation needs at least 3 sites (the study has {n_sites}); add sites or set [study] secure_aggregation = false")
     quant_bits = int(math.floor(math.log2((MODULUS_RANGE - 1) / n_sites)))
     if quant_bits < MIN_QUANTIZATION_BITS:
         raise ConfigError(f"{n_sites} sites leave only {quant_bits} quantisation bits under modulus 2^32; the sum would lose precision")

@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.config import StudyConfig, load_site, load_study
+from shared.config import StudyConfig, load_site_ref, load_study
 from shared.contract import load_site_data
 from shared.errors import FedhelixError
 from shared.flower_env import apply_flower_env
@@ -31,9 +31,7 @@ def preflight(study: StudyConfig) -> list[str]:
     """Check every site file and its data locally before starting Ray; return one line per site."""
     lines = []
     for ref in study.sites:
-        site = load_site(ref.config)
-        if site.name != ref.name:
-            raise FedhelixError(f"{study.path}: site '{ref.name}' points at {ref.config}, whose [site] name is '{site.name}'")
+        site = load_site_ref(ref, study.path)
         data = load_site_data(site, study.task, study.categories)
         lines.append(f"{site.name}: {data.n_train} train / {data.n_test} test, {len(data.feature_names)} features")
     return lines
@@ -124,6 +122,8 @@ def simulate(
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": max(1, min(len(study.sites), os.cpu_count() or 1)), "include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": verbose},
     }
+    for stale in ("report.json", "report.html", "model.pt"):  # never mistake an old run's result for this one's
+        (out / stale).unlink(missing_ok=True)
     stop = threading.Event()
     watcher = threading.Thread(target=_show_progress, args=(out / "metrics.jsonl", study, stop), daemon=True) if progress else None
     try:

@@ -28,6 +28,7 @@ from flwr.server.strategy import (
 from server.recorder import RunRecorder
 from shared.accounting import calibrate_noise
 from shared.config import StudyConfig
+from shared.errors import FedhelixError
 from shared.params import NDArrays
 from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
 
@@ -42,7 +43,7 @@ BASES: dict[str, type[FedAvg]] = {
 }
 
 
-class StudyAborted(RuntimeError):
+class StudyAborted(FedhelixError):
     """The study cannot continue (too few sites, nothing valid to aggregate)."""
 
 

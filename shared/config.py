@@ -74,7 +74,8 @@ class SitePrivacy:
 
     ledger: Path
     epsilon_budget: float
-    delta: float | None = None
+    delta: float  # the site's delta: its ledger is accounted at this value, whatever a study asks
+    allow_site_level: bool = False  # accept site-level DP, where the coordinator adds the noise
 
 
 @dataclass(frozen=True)
@@ -203,7 +204,7 @@ class _Section:
 
     def positive(self, key: str, kind: type, default: Any = ...) -> Any:
         value = self.get(key, kind, default)
-        if value <= 0:
+        if not value > 0:  # also rejects NaN
             raise self._err(key, f"must be > 0, got {value}")
         return value
 
@@ -312,6 +313,13 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
             f"{source}: [privacy] level = \"site\" needs strategy = \"fedavg\": Flower's central-DP wrapper adds "
             "its noise to the averaged model, which an adaptive server optimiser would rescale"
         )
+    if privacy.dp and privacy.level == "record" and study["strategy"] == "fedprox" and study["proximal_mu"] > 0:
+        raise ConfigError(f"{source}: FedProx's proximal term is not supported under DP-SGD; use strategy = \"fedavg\" or proximal_mu = 0")
+    if privacy.dp and privacy.level == "site" and not secure_enabled:
+        raise ConfigError(
+            f"{source}: [privacy] level = \"site\" needs secure aggregation: sites add no noise themselves, so without "
+            "it the coordinator would see each site's un-noised update"
+        )
     if privacy.dp and privacy.level == "record" and task == "survival" and model not in DP_SURVIVAL_MODELS:
         raise ConfigError(
             f"{source}: model '{model}' cannot be trained with dp = true: the Cox partial likelihood couples every "
@@ -402,9 +410,14 @@ def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None 
         ledger = Path(p.get("ledger", str, f"{name}.ledger.sqlite"))
         if base_dir is not None and not ledger.is_absolute():
             ledger = (base_dir / ledger).resolve()
-        privacy = SitePrivacy(ledger=ledger, epsilon_budget=p.positive("epsilon_budget", float), delta=p.get("delta", float, None))
+        privacy = SitePrivacy(
+            ledger=ledger,
+            epsilon_budget=p.positive("epsilon_budget", float),
+            delta=p.positive("delta", float),
+            allow_site_level=p.get("allow_site_level", bool, False),
+        )
         p.done()
-        if privacy.delta is not None and not 0 < privacy.delta < 1:
+        if not privacy.delta < 1:
             raise ConfigError(f"{source}: [privacy] delta must be between 0 and 1")
     return SiteConfig(name=name, data=spec, privacy=privacy)
 
@@ -414,3 +427,11 @@ def load_site(path: str | Path) -> SiteConfig:
     path = Path(path).resolve()
     site = parse_site(_read_toml(path, "site"), source=str(path), base_dir=path.parent)
     return SiteConfig(name=site.name, data=site.data, path=path, privacy=site.privacy)
+
+
+def load_site_ref(ref: SiteRef, study_path: Path | None = None) -> SiteConfig:
+    """The site file a study lists, checked to describe the site the study names."""
+    site = load_site(ref.config)
+    if site.name != ref.name:
+        raise ConfigError(f"{study_path or 'study'}: site '{ref.name}' points at {ref.config}, whose [site] name is '{site.name}'")
+    return site

@@ -95,7 +95,7 @@ def plan_for(**kw) -> TrainingPlan:
     return TrainingPlan(**base)
 
 
-def site_for(name: str = "st-luke", delta: float | None = None, with_privacy: bool = True) -> SiteConfig:
+def site_for(name: str = "st-luke", delta: float = 1e-5, with_privacy: bool = True) -> SiteConfig:
     privacy = SitePrivacy(Path(f"/nonexistent/{name}.ledger.sqlite"), 10.0, delta) if with_privacy else None
     return SiteConfig(name, DataSpec(Path("/nonexistent/data.csv"), "y"), privacy=privacy)
 
@@ -135,10 +135,10 @@ def calibrations(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     return calls
 
 
-def test_site_delta_wins_over_the_study_delta() -> None:
+def test_the_site_delta_is_used_whatever_the_study_asks() -> None:
     plan = plan_for()
     own = plan_dp_round(plan, site_for(delta=1e-4), 100)
-    default = plan_dp_round(plan, site_for(delta=None), 100)
+    default = plan_dp_round(plan, site_for(delta=1e-5), 100)
     assert own.delta == 1e-4 and default.delta == 1e-5
     assert own.noise_multiplier < default.noise_multiplier  # a larger delta needs less noise
     # calibrated at the site's delta: the planned rounds land at the target *at that delta*
@@ -146,13 +146,13 @@ def test_site_delta_wins_over_the_study_delta() -> None:
     assert epsilon([own.step] * plan.rounds, 1e-5) > 1.0
 
 
-def test_site_without_privacy_section_uses_the_study_delta(calibrations: list[tuple]) -> None:
-    dp = plan_dp_round(plan_for(), site_for(with_privacy=False), 100)
-    assert dp.delta == 1e-5
-    assert calibrations == [(1.0, 1e-5, 0.1, 50, "rdp")]
+def test_site_without_privacy_section_is_refused_before_calibration(calibrations: list[tuple]) -> None:
+    with pytest.raises(ConfigError, match=r"site 'st-luke'.*no \[privacy\] section"):
+        plan_dp_round(plan_for(), site_for(with_privacy=False), 100)
+    assert calibrations == []
 
 
-@pytest.mark.parametrize(("site_delta", "study_delta", "n_train"), [(None, 1e-5, 100_000), (0.01, 1e-5, 100), (0.02, 1e-5, 100)])
+@pytest.mark.parametrize(("site_delta", "study_delta", "n_train"), [(1e-5, 1e-6, 100_000), (0.01, 1e-5, 100), (0.02, 1e-5, 100)])
 def test_delta_not_below_one_over_n_is_refused_naming_the_site(site_delta, study_delta, n_train, calibrations) -> None:
     plan = plan_for(privacy=dataclasses.replace(plan_for().privacy, delta=study_delta))
     with pytest.raises(ConfigError) as info:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from shared.accounting import Step, calibrate_noise
 from client.privacy.ledger import PrivacyLedger
-from shared.config import SiteConfig
+from shared.config import SiteConfig, SitePrivacy
 from shared.errors import ConfigError
 from shared.plan import TrainingPlan
 
@@ -34,6 +34,16 @@ def _noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, 
     return calibrate_noise(target_epsilon, delta, sample_rate, steps, accountant)
 
 
+def site_privacy(site: SiteConfig) -> SitePrivacy:
+    """The site's own privacy governance, required before any DP round."""
+    if site.privacy is None:
+        raise ConfigError(
+            f"site '{site.name}': this study uses differential privacy but the site file {site.path} has no "
+            "[privacy] section; add ledger, epsilon_budget and delta so spending can be tracked"
+        )
+    return site.privacy
+
+
 def plan_dp_round(plan: TrainingPlan, site: SiteConfig, n_train: int) -> DPRound:
     """Calibrate the noise so that rounds x local_steps Poisson steps land at the study's target epsilon.
 
@@ -41,7 +51,7 @@ def plan_dp_round(plan: TrainingPlan, site: SiteConfig, n_train: int) -> DPRound
     round (each in a fresh process) finds the same noise multiplier.
     """
     privacy = plan.privacy
-    delta = site.privacy.delta if site.privacy and site.privacy.delta is not None else privacy.delta
+    delta = site_privacy(site).delta  # the site's, never the study's: the ledger is kept at one delta
     if delta >= 1.0 / n_train:
         raise ConfigError(
             f"site '{site.name}': delta={delta:g} is not below 1/n_train = {1.0 / n_train:.2g}; "
@@ -55,10 +65,6 @@ def plan_dp_round(plan: TrainingPlan, site: SiteConfig, n_train: int) -> DPRound
 
 def open_ledger(site: SiteConfig, ledger_dir: str | Path | None = None) -> tuple[PrivacyLedger, float]:
     """The site's ledger and budget; ``ledger_dir`` relocates ledgers (simulations only)."""
-    if site.privacy is None:
-        raise ConfigError(
-            f"site '{site.name}': this study uses differential privacy but the site file {site.path} has no "
-            "[privacy] section; add ledger = \"...\" and epsilon_budget = ... so spending can be tracked"
-        )
-    path = Path(ledger_dir) / f"{site.name}.ledger.sqlite" if ledger_dir else site.privacy.ledger
-    return PrivacyLedger(path, site.name), site.privacy.epsilon_budget
+    privacy = site_privacy(site)
+    path = Path(ledger_dir) / f"{site.name}.ledger.sqlite" if ledger_dir else privacy.ledger
+    return PrivacyLedger(path, site.name), privacy.epsilon_budget

@@ -137,13 +137,26 @@ class PrivacyLedger:
             )
         return after
 
-    def record(self, entry: LedgerEntry) -> None:
-        """Append one entry atomically (entry, chain head and count in one transaction)."""
-        entry = LedgerEntry(**{**asdict(entry), "created": entry.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-        body = json.dumps(asdict(entry), sort_keys=True)
+    def record(self, entry: LedgerEntry, budget: float | None = None) -> LedgerEntry:
+        """Append one entry atomically (entry, chain head and count in one transaction).
+
+        With ``budget``, the budget is checked again inside the transaction against
+        the ledger as it is *now*: another study may have spent at this site while
+        this round trained. The stored epsilon is recomputed on the same history.
+        """
         self._db.execute("BEGIN IMMEDIATE")
         try:
             self._entries = self._verify()  # another process may have appended meanwhile
+            if budget is not None:
+                after = epsilon([e.step for e in self._entries] + [entry.step], entry.delta, entry.accountant)
+                if after > budget + 1e-9:
+                    raise BudgetRefused(
+                        f"site '{self.site}' refused round {entry.round} of study '{entry.study}': another study spent "
+                        f"meanwhile, this round would reach epsilon={after:.3f}, budget {budget:g}; nothing was sent"
+                    )
+                entry = LedgerEntry(**{**asdict(entry), "epsilon_after": after})
+            entry = LedgerEntry(**{**asdict(entry), "created": entry.created or time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            body = json.dumps(asdict(entry), sort_keys=True)
             prev = self._db.execute("SELECT value FROM meta WHERE key='head'").fetchone()[0]
             digest = _digest(prev, body)
             seq = len(self._entries) + 1
@@ -155,6 +168,7 @@ class PrivacyLedger:
             self._db.execute("ROLLBACK")
             raise
         self._entries.append(entry)
+        return entry
 
     def close(self) -> None:
         self._db.close()
