@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -88,3 +89,13 @@ def test_local_precheck_names_the_site_before_starting_flower(root: Path, tmp_pa
     with pytest.raises(FedhelixError, match=r"site 'hospital_c'.*column 'mean_radius'.*not numeric"):
         simulate(study_dir / "study.toml", tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_regression_study_reports_rmse_and_pearson(root: Path, tmp_path: Path) -> None:
+    study = dataclasses.replace(load_study(root / "studies" / "diabetes" / "study.toml"), rounds=5)
+    report = simulate(study, tmp_path, progress=False)
+    assert report["primary_metric"] == "rmse"
+    targets = pd.concat(pd.read_csv(p)["progression"] for p in (root / "data" / "diabetes").glob("*.csv"))
+    for site in report["final"]["sites"].values():
+        assert site["rmse"] < targets.std()  # better than predicting the mean
+        assert site["pearson_r"] > 0.5 and site["mae"] <= site["rmse"]
