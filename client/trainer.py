@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from client.privacy.budget import DPRound
-from client.privacy.dpsgd import noisy_step, poisson_batch
+from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
 from shared.contract import SiteData
 from shared.errors import ConfigError
 from shared.metrics import task_metrics
@@ -97,12 +97,13 @@ def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: 
         raise ConfigError("FedProx's proximal term is not supported under DP-SGD")
     model.train()
     expected = dp.sample_rate * len(x)
+    layers = linear_layers(model)
     for _ in range(dp.steps):
         idx = poisson_batch(len(x), dp.sample_rate, sampler)
         noisy_step(
             model, optimizer, loss_fn, x[idx], y[idx],
             max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier,
-            expected_batch_size=expected, noise=noise,
+            expected_batch_size=expected, noise=noise, layers=layers,
         )  # fmt: skip
     # No train loss under DP: an un-noised statistic of the private rows would leak outside epsilon.
     return {}

@@ -26,8 +26,8 @@ from torch import nn
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _linear_layers(model: nn.Module) -> list[nn.Linear] | None:
-    """The Linear layers holding every trainable tensor, or ``None`` if some tensor lives elsewhere."""
+def linear_layers(model: nn.Module) -> list[nn.Linear] | None:
+    """The Linear layers holding every trainable tensor (fast path), or ``None`` (generic path)."""
     layers = [m for m in model.modules() if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False))]
     covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
     if any(p.requires_grad and id(p) not in covered for p in model.parameters()):
@@ -61,10 +61,11 @@ def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm):
         a = inputs[layer]
         if a.ndim != 2:
             raise ValueError("the Linear fast path needs 2-D layer inputs")
-        if layer.weight.requires_grad:
-            sq = sq + a.pow(2).sum(1) * g.pow(2).sum(1)
+        g_norm = torch.linalg.vector_norm(g, dim=1)  # faster here than pow(2).sum(1)
+        if layer.weight.requires_grad:  # |g_i a_i^T|_F = |g_i| |a_i|
+            sq = sq + (torch.linalg.vector_norm(a, dim=1) * g_norm).square()
         if layer.bias is not None and layer.bias.requires_grad:
-            sq = sq + g.pow(2).sum(1)
+            sq = sq + g_norm.square()
     factors, norms = _clip_factors(sq, max_grad_norm)
     return [(layer, inputs[layer], g * factors.unsqueeze(1)) for layer, g in zip(layers, out_grads)], norms
 
@@ -106,7 +107,7 @@ def clipped_grad_sum(model: nn.Module, loss_fn: PerSampleLoss, x: torch.Tensor, 
     Returns ``({parameter: summed clipped gradient}, per-sample gradient norms before clipping)``.
     ``loss_fn`` must return one loss per row (a batch-coupled loss is not DP-valid).
     """
-    layers = _linear_layers(model) if route in ("auto", "linear") else None
+    layers = linear_layers(model) if route in ("auto", "linear") else None
     if route == "linear" and layers is None:
         raise ValueError("model has trainable tensors outside nn.Linear layers")
     if layers is not None:
@@ -125,6 +126,7 @@ def noisy_step(
     noise_multiplier: float,
     expected_batch_size: float,
     noise: torch.Generator,
+    layers: list[nn.Linear] | None | str = "find",
 ) -> None:
     """One DP-SGD step on an (already Poisson-sampled, possibly empty) batch.
 
@@ -141,8 +143,9 @@ def noisy_step(
     for p in params:
         chunks[p] = gaussian[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
-    layers = _linear_layers(model) if len(x) else None
-    if layers is not None:
+    if isinstance(layers, str):  # callers looping over steps pass linear_layers(model) once
+        layers = linear_layers(model)
+    if layers is not None and len(x):
         scaled_layers, _ = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm)
         for layer, a, scaled in scaled_layers:
             if layer.weight.requires_grad:
