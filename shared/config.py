@@ -129,6 +129,9 @@ class StudyConfig:
             return self.secure.update_bound
         if self.privacy.dp and self.privacy.level == "site":
             return self.privacy.site_clipping_norm  # an L2 bound bounds every coordinate
+        if self.privacy.dp and self.optimizer == "adam":
+            # An Adam step moves a coordinate by at most lr (1 - b1) / sqrt(1 - b2) ~ 3.17 lr (torch defaults).
+            return self.learning_rate * self.local_steps * 0.1 / (0.001**0.5)
         if self.privacy.dp:
             return self.learning_rate * self.local_steps * self.privacy.max_grad_norm
         return 1.0

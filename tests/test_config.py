@@ -267,3 +267,22 @@ def test_parse_site_without_file():
 def test_parse_study_source_named():
     with pytest.raises(ConfigError, match="my-study.toml"):
         parse_study({"study": {"name": "x", "task": "nope", "model": "mlp"}}, source="my-study.toml")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({}, 1.0),
+        ({"privacy": {"dp": True, "max_grad_norm": 0.5}}, 0.1 * 20 * 0.5),
+        ({"privacy": {"dp": True}, "study": {"optimizer": "adam"}}, 0.1 * 20 * 0.1 / 0.001**0.5),
+        ({"privacy": {"dp": True, "level": "site", "site_clipping_norm": 0.3}}, 0.3),
+        ({"secure_aggregation": {"update_bound": 2.5}}, 2.5),
+    ],
+)
+def test_secure_aggregation_update_bound_is_derived_from_the_study(extra: dict, expected: float) -> None:
+    doc = {
+        "study": {"name": "s", "task": "binary", "model": "logistic", "learning_rate": 0.1, "local_steps": 20, **extra.get("study", {})},
+        "sites": [{"name": n, "config": f"{n}.toml"} for n in ("a", "b", "c")],
+    }
+    doc.update({k: v for k, v in extra.items() if k != "study"})
+    assert parse_study(doc).update_bound == pytest.approx(expected)
