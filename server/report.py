@@ -43,6 +43,7 @@ def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], 
     counts = {s.name: {"n_train": s.n_train, "n_test": s.n_test} for s in sites}
     final_sites = {name: {**counts.get(name, {}), **{k: v for k, v in m.items() if k != "n"}} for name, m in last["sites"].items()}
     study_block = {k: v for k, v in asdict(study).items() if k not in ("sites", "path", "model_options", "categories")}
+    study_block["secure"]["update_bound"] = study.update_bound  # the effective (possibly derived) bound
     study_block.update(
         sites=[s.name for s in study.sites],
         model_options=asdict(study.model_options),
@@ -223,9 +224,20 @@ def _epsilon(report: dict[str, Any]) -> str | None:
     return _svg(fig)
 
 
+def _flatten(values: dict[str, Any], prefix: str = ""):
+    """``{"privacy": {"dp": True}}`` -> rows ``("privacy.dp", True)`` for a readable settings table."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield [f"{prefix}{key}", ", ".join(map(str, value)) if isinstance(value, (list, tuple)) else value]
+
+
 def _table(rows: list[list[Any]], header: list[str]) -> str:
     def cell(v: Any) -> str:
-        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+        if isinstance(v, float):
+            return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e6 else f"{v:.4g}"
+        return html.escape(str(v))
 
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
@@ -244,7 +256,15 @@ def render_html(report: dict[str, Any]) -> str:
     failures = _table([[f["round"], f["phase"], f["site"], f["reason"]] for f in report["failures"]], ["round", "phase", "site", "reason"]) if report["failures"] else "<p>None.</p>"
     status = report["status"]
     banner = f'<p class="status {status}">Status: <b>{html.escape(status)}</b>' + (f" — {html.escape(report['error'])}" if report.get("error") else "") + "</p>"
-    settings = _table([[k, v] for k, v in study.items() if k not in ("sites",)], ["setting", "value"])
+    settings = _table(list(_flatten({k: v for k, v in study.items() if k != "sites"})), ["setting", "value"])
+    if report.get("secure_aggregation_params"):
+        secure = "<p>SecAgg+ parameters derived for this study (see docs/secure-aggregation.md):</p>" + _table(
+            list(_flatten(report["secure_aggregation_params"])), ["parameter", "value"]
+        )
+    elif report["secure_aggregation"]:
+        secure = "<p>On, but no round reached the protocol.</p>"
+    else:
+        secure = "<p>Off: the coordinator saw each site's update (and checked it).</p>"
     if all(v is None for v in report["privacy"].values()):
         privacy = "<p>Differential privacy not enabled for this study.</p>"
     else:
@@ -257,7 +277,7 @@ def render_html(report: dict[str, Any]) -> str:
 <style>
 body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
-td:first-child,th:first-child{{text-align:left}} .status.completed{{color:#1a7f37}} .status.failed{{color:#c62828}}
+td:first-child,th:first-child{{text-align:left}} td{{font-variant-numeric:tabular-nums}} .status.completed{{color:#1a7f37}} .status.failed{{color:#c62828}}
 .plots{{display:flex;flex-wrap:wrap;gap:1em}} .plots svg{{max-width:100%;height:auto}}
 </style></head><body>
 <h1>Study <code>{html.escape(study['name'])}</code></h1>
@@ -270,6 +290,7 @@ Secure aggregation: {'on' if report['secure_aggregation'] else 'off'}. Wall time
 <h2>Curves</h2><div class="plots">{''.join(plots)}</div>
 <h2>Failures and refusals</h2>{failures}
 <h2>Privacy</h2>{privacy}
+<h2>Secure aggregation</h2>{secure}
 <h2>Settings</h2>{settings}
 <p><small>fedhelix {html.escape(report['fedhelix_version'])}, created {html.escape(report['created'])}.</small></p>
 </body></html>

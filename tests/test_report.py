@@ -133,3 +133,13 @@ def test_site_name_with_dollar_signs_does_not_break_the_report(tmp_path: Path) -
     study, plan, infos, recorder, out = build(tmp_path, ("north", r"lab $\foo$ unit"))
     write_reports(out, study, plan, infos, recorder, status="completed", error=None, has_model=False)
     assert "<svg" in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_settings_table_shows_small_and_derived_values_readably(tmp_path: Path) -> None:
+    study, plan, infos, recorder, out = build(tmp_path)
+    write_reports(out, study, plan, infos, recorder, status="completed", error=None, has_model=False)
+    page = (out / "report.html").read_text()
+    assert "<td>privacy.delta</td><td>1e-05</td>" in page  # not rounded to 0.0000
+    assert f"<td>secure.update_bound</td><td>{study.update_bound:.4f}</td>" in page  # the effective bound, not None
+    report = json.loads((out / "report.json").read_text())
+    assert report["study"]["secure"]["update_bound"] == study.update_bound
