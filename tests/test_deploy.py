@@ -15,3 +15,4 @@ def test_flower_env_file_sets_what_the_code_sets(root: Path) -> None:
         assert FLOWER_ENV.get(key) == value, key
     for key in ("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK"):
         assert key in declared
+
