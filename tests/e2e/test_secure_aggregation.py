@@ -86,9 +86,9 @@ def test_secure_aggregate_equals_plain_fedavg_and_the_server_sees_only_masked_ve
     assert difference.max() <= bound + 1e-7, (difference.max(), bound)
     assert difference.max() > 0  # it really went through quantisation
 
-    # What reached the coordinator from 'northeast' in the collect-masked-vectors stage.
+    # What reached the coordinator from each site in the collect-masked-vectors stage.
     study = load_study(secure_study)
-    site = load_site(study.sites[0].config)
+    sites = {ref.name: load_site(ref.config) for ref in study.sites}
     collected = [
         (next(m for m in sent if m.metadata.dst_node_id == r.metadata.src_node_id), r)
         for sent, replies in exchanges
@@ -102,25 +102,24 @@ def test_secure_aggregate_equals_plain_fedavg_and_the_server_sees_only_masked_ve
         for r in replies
         if r.metadata.message_type == "get_properties" and r.has_content()
     }
-    matches = []
+    seen, truth = [], []
     for sent, reply in collected:
+        # Recompute the site's true (clipped) delta from the global it was sent: training is deterministic.
         fitins = compat.recorddict_to_fitins(sent.content, keep_input=True)
-        if site_of[reply.metadata.src_node_id] != site.name:
-            continue
+        delta, n, _ = SiteClient(sites[site_of[reply.metadata.src_node_id]]).fit(parameters_to_ndarrays(fitins.parameters), dict(fitins.config))
+        true = np.concatenate([d.ravel() for d in delta])
         masked = np.concatenate([bytes_to_ndarray(b).ravel() for b in reply.content.config_records["secaggplus_configs"]["masked_params"]])
-        matches.append((fitins, masked))
-    assert matches
-    # Recompute the true delta of one site from the global it was sent (training is deterministic).
-    fitins, masked = matches[0]
-    client = SiteClient(site)
-    delta, n, _ = client.fit(parameters_to_ndarrays(fitins.parameters), dict(fitins.config))
-    true = np.concatenate([d.ravel() for d in delta])
-    values = masked[1:]  # the first element carries the (masked) example weight
-    assert values.shape == true.shape
-    assert values.min() >= 0 and values.max() < 2**32  # uniform-looking integers modulo 2^32
-    assert abs(np.corrcoef(values.astype(float), true)[0, 1]) < 0.6  # 39 coordinates: |r| of independent data is ~0.16
-    quantised = np.round((np.clip(true * n / p["max_weight"], -p["clipping_range"], p["clipping_range"]) + p["clipping_range"]) * p["quantization_range"] / (2 * p["clipping_range"]))
-    assert np.mean(np.abs(values - quantised) > 2) > 0.9  # masked, not the site's quantised values
+        values = masked[1:]  # the first element carries the (masked) example weight
+        assert values.shape == true.shape
+        assert values.min() >= 0 and values.max() < 2**32  # integers modulo 2^32
+        quantised = np.round((np.clip(true * n / p["max_weight"], -p["clipping_range"], p["clipping_range"]) + p["clipping_range"]) * p["quantization_range"] / (2 * p["clipping_range"]))
+        assert np.mean(np.abs(values - quantised) > 2) > 0.9  # masked, not the site's quantised values
+        seen.append(values.astype(float) / 2**32)
+        truth.append(true)
+    # Pooled over the five sites (195 coordinates), the masked vectors carry no trace of the deltas.
+    seen_all, truth_all = np.concatenate(seen), np.concatenate(truth)
+    assert abs(np.corrcoef(seen_all, truth_all)[0, 1]) < 0.3  # independent data: |r| ~ 0.07
+    assert 0.4 < seen_all.mean() < 0.6 and 0.2 < seen_all.std() < 0.37  # uniform on [0, 1): mean 0.5, std 0.29
 
 
 def test_a_site_failing_mid_round_leaves_the_fedavg_of_the_survivors(root: Path, tmp_path: Path) -> None:
