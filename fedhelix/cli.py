@@ -18,10 +18,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("simulate", help="Researchers: run a study as a simulated federation on this machine.")(simulate_command)
-app.command("check-site", help="Hospital IT: check a site's data against the contract (offline).")(check_site_command)
+# Typer 0.20 does not print argument help, so each command's text names its argument.
+app.command(
+    "simulate",
+    help="Researchers: run a study as a simulated federation on this machine. STUDY is the study file "
+    "(TOML); without it the bundled TCGA-BRCA survival study (6 regions) runs.",
+)(simulate_command)
+app.command(
+    "check-site",
+    help="Hospital IT: check the data described by the site file SITE against the contract, offline; nothing is sent.",
+)(check_site_command)
 ledger_app = typer.Typer(help="Hospital IT: the site's privacy ledger (every DP round spent on its data).", no_args_is_help=True)
-ledger_app.command("show", help="Print the ledger's history, epsilon spent and budget remaining.")(ledger_show_command)
+ledger_app.command("show", help="Print the privacy ledger of the site file SITE: history, epsilon spent, budget remaining.")(ledger_show_command)
 app.add_typer(ledger_app, name="ledger")
 
 
