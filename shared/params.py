@@ -27,10 +27,6 @@ def subtract(a: NDArrays, b: NDArrays) -> NDArrays:
     return [x - y for x, y in zip(a, b)]
 
 
-def add(a: NDArrays, b: NDArrays) -> NDArrays:
-    return [x + y for x, y in zip(a, b)]
-
-
 def l2_norm(arrays: NDArrays) -> float:
     return float(np.sqrt(sum(float(np.sum(np.square(a, dtype=np.float64))) for a in arrays)))
 
