@@ -60,3 +60,51 @@ def ledger_show_command(
     budget = config.privacy.epsilon_budget
     console.print(f"spent epsilon = {spent:.3f} at delta = {delta:g} ({accountant}, all studies composed); budget {budget:g}; remaining {max(budget - spent, 0):.3f}")
     ledger.close()
+
+
+def approve_command(
+    study: Annotated[Path, typer.Argument(help="The study file (TOML) the consortium asks this site to take part in.")],
+    site: Annotated[Path, typer.Option("--site", help="This hospital's site file (TOML).")],
+    code_digest: Annotated[Optional[str], typer.Option("--code-digest", help="Approve this code digest (from the release notes) instead of this installation's own code.")] = None,
+) -> None:
+    """Record this site's approval of STUDY with this version of the fedhelix code.
+
+    The node will train only on study files and code the site approved: a changed study file
+    or a changed line of code needs a new approval.
+    """
+    from client.approval import approvals_path, approve
+    from shared.approval import code_digest_of_project
+    from shared.paths import PROJECT_ROOT
+
+    config = load_site(site)
+    s = load_study(study)
+    if config.name not in [ref.name for ref in s.sites]:
+        raise ConfigError(f"study '{s.name}' ({study}) does not list site '{config.name}'; nothing approved")
+    task_data = load_site_data(config, s.task, s.categories)  # the site's data fits this study
+    digest = code_digest or code_digest_of_project(PROJECT_ROOT)
+    record = approve(study, config, digest)
+    console.print(f"[green]approved[/] study '{record.study}' for site '{config.name}' ({task_data.n_train} train / {task_data.n_test} test rows)")
+    console.print(f"  study sha256 {record.study_sha256}\n  code  sha256 {record.code_sha256}\n  recorded in {approvals_path(config)}")
+    if s.privacy.dp and config.privacy is not None:
+        console.print(f"  DP: the study targets epsilon {s.privacy.target_epsilon:g}; this site's budget is {config.privacy.epsilon_budget:g}")
+
+
+def node_command(
+    kit: Annotated[Path, typer.Option("--kit", help="This site's kit directory from the consortium admin (kits/<site>).")],
+    site: Annotated[Path, typer.Option("--site", help="This hospital's site file (TOML): where the data lives and what it means.")],
+    port: Annotated[int, typer.Option("--port", help="Local port of the node's own Runtime API (loopback; distinct per node on one host).")] = 9094,
+) -> None:
+    """Hospital IT: check everything locally, then run this site's node (outbound TLS to the server only)."""
+    from client.node import prepare_node, run_node
+
+    plan = prepare_node(kit, site, port=port)
+    approved = read_approvals_count(plan.approvals)
+    console.print(f"[green]OK[/] kit, certificates, server TLS and site data checked for site '{plan.site.name}'")
+    console.print(f"node dials {plan.kit.server_address}; {approved} approved stud{'y' if approved == 1 else 'ies'} in {plan.approvals}; ledger in {plan.ledger_dir}")
+    raise typer.Exit(run_node(plan))
+
+
+def read_approvals_count(path: Path) -> int:
+    from client.approval import read_approvals
+
+    return len(read_approvals(path))

@@ -7,8 +7,8 @@ import sys
 import typer
 from rich.console import Console
 
-from client.cli import check_site_command, ledger_show_command
-from server.cli import simulate_command
+from client.cli import approve_command, check_site_command, ledger_show_command, node_command
+from server.cli import provision_command, run_command, server_command, simulate_command
 from shared.errors import FedhelixError
 
 app = typer.Typer(
@@ -31,6 +31,31 @@ app.command(
 ledger_app = typer.Typer(help="Hospital IT: the site's privacy ledger (every DP round spent on its data).", no_args_is_help=True)
 ledger_app.command("show", help="Print the privacy ledger of the site file SITE: history, epsilon spent, budget remaining.")(ledger_show_command)
 app.add_typer(ledger_app, name="ledger")
+app.command(
+    "provision",
+    help="Consortium admin: create the consortium CA, server certificate, admin identity and one node key per site "
+    "from the consortium file CONSORTIUM (TOML); writes one kit directory per role. --add-site NAME adds a site later.",
+)(provision_command)
+app.command(
+    "server",
+    help="Consortium admin: start the SuperLink (TLS, SuperNode authentication, persistent state) on loopback "
+    "behind the gateway that exposes only the Fleet API to sites.",
+)(server_command)
+app.command(
+    "run",
+    help="Consortium admin: sign the study file STUDY with the admin key, submit it to the running server, "
+    "stream progress and write report.json/report.html as a simulation does.",
+)(run_command)
+app.command(
+    "approve",
+    help="Hospital IT: approve the study file STUDY (as it is now) with this version of the code; the node "
+    "refuses any study or code the site has not approved.",
+)(approve_command)
+app.command(
+    "node",
+    help="Hospital IT: check the kit, certificates, site data and the server's TLS certificate, then run this "
+    "site's node (outbound connection only).",
+)(node_command)
 
 
 def main() -> None:

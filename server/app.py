@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import tomllib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import flwr.compat.common.recorddict_compat as compat
 import torch
@@ -29,7 +32,8 @@ from server.recorder import RunRecorder
 from server.report import write_reports
 from server.secure_aggregation import StrictSecAggPlus, derive_params
 from server.strategy import build_strategy
-from shared.config import StudyConfig, load_study
+from shared.approval import STUDY_B64_KEY, decode_study
+from shared.config import StudyConfig, load_study, parse_study
 from shared.errors import FedhelixError
 from shared.models import build_model
 from shared.params import get_weights, set_weights
@@ -92,6 +96,15 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
     return report
 
 
+def _study_from_run_config(run_config: Mapping[str, Any], study: str | Path | None) -> StudyConfig:
+    """The study a run carries (``fedhelix run``: the file itself, base64) or names (a path)."""
+    encoded = str(run_config.get(STUDY_B64_KEY, "") or "")
+    if study is None and encoded:
+        text = decode_study(encoded).decode("utf-8")
+        return parse_study(tomllib.loads(text), source="submitted study")
+    return load_study(resolve_path(study or str(run_config.get("study", ""))))
+
+
 def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: str | Path | None = None, observe: Observer | None = None) -> ServerApp:
     """Build the ServerApp; arguments pin the study and output (else taken from run config).
 
@@ -103,8 +116,11 @@ def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: st
     def main(grid: Grid, context: Context) -> None:
         nonlocal study
         if not isinstance(study, StudyConfig):
-            study = load_study(resolve_path(study or str(context.run_config.get("study", ""))))
+            study = _study_from_run_config(context.run_config, study)
         out = Path(out_dir) if out_dir else resolve_path(str(context.run_config.get("out", "runs"))) / study.name
+        if STUDY_B64_KEY in context.run_config and context.run_config[STUDY_B64_KEY]:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "study.toml").write_bytes(decode_study(str(context.run_config[STUDY_B64_KEY])))  # what was run
         log.info("study '%s': %s, %s model, %s, %d rounds, %d sites -> %s", study.name, study.task, study.model, study.strategy, study.rounds, len(study.sites), out)
         started = time.time()
         run_study(grid, context, study, out, observe)

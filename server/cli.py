@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from shared.errors import FedhelixError
 from shared.metrics import PRIMARY
 from shared.paths import DEFAULT_STUDY
 
@@ -47,3 +48,76 @@ def print_summary(report: dict) -> None:
     best = "higher" if PRIMARY[task][1] else "lower"
     out = Path(report.get("run_dir", "."))
     console.print(f"Primary metric: {primary} ({best} is better). Report: [bold]{out / 'report.html'}[/] and report.json")
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+def provision_command(
+    consortium: Annotated[Optional[Path], typer.Argument(help="Consortium file (TOML): [consortium] name, server_address, sites.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the kits: OUT/ca, OUT/server, OUT/admin, OUT/<site>.")] = Path("kits"),
+    add_site: Annotated[Optional[str], typer.Option("--add-site", help="Add one site kit to an existing consortium in OUT (no other key changes).")] = None,
+) -> None:
+    """Create the consortium CA, server certificate, admin identity and one key per site."""
+    from server.provision import add_site as add_one_site
+    from server.provision import load_consortium, provision
+
+    if add_site:
+        kit = add_one_site(out, add_site)
+        console.print(f"[green]added[/] site kit {kit}; restart `fedhelix server` (or it registers the key at next start) and hand the kit to the site")
+        return
+    if consortium is None:
+        raise typer.BadParameter("give the consortium file, or --add-site NAME with --out of an existing consortium")
+    config = load_consortium(consortium)
+    kits = provision(config, out)
+    for kit in kits:
+        console.print(f"[green]wrote[/] {kit}")
+    console.print(f"Keep {out / 'ca'} offline (the CA key). Give each site only its own directory.")
+
+
+def server_command(
+    kit: Annotated[Path, typer.Option("--kit", help="The server kit directory written by `fedhelix provision` (kits/server).")],
+) -> None:
+    """Start the consortium server: SuperLink (TLS, node authentication, persistent state) behind the gateway."""
+    import time
+
+    from server.deployment import start_server
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    running = start_server(kit)
+    k = running.kit
+    console.print(f"[green]fedhelix server[/] '{k.consortium}': sites dial {k.listen} (Fleet API only); Control API on https://{k.link_address} (this host only)")
+    console.print(f"registered sites: {', '.join(k.node_keys())}. Logs: {k.database.parent}/superlink.log, gateway.log. Ctrl-C stops.")
+    try:
+        while running.superlink.poll() is None and running.gateway.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        running.stop()
+    console.print("server stopped")
+
+
+def run_command(
+    study: Annotated[Path, typer.Argument(help="The study file (TOML) to run across the consortium.")],
+    kit: Annotated[Path, typer.Option("--kit", help="The admin kit directory (kits/admin).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the run's report, model and metrics (per study name).")] = Path("runs"),
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every line of Flower's log, not only progress.")] = False,
+) -> None:
+    """Consortium admin: sign STUDY, submit it to the running server, stream progress, print the report."""
+    import json
+
+    from server.submit import submit_study
+
+    def show(line: str) -> None:
+        if verbose or any(word in line for word in ("ROUND", "round", "study", "ERROR", "error", "refuse")):
+            console.print(f"[dim]{line}[/]", highlight=False)
+
+    submission = submit_study(study, kit, out, on_line=show)
+    report_path = submission.out_dir / "report.json"
+    if not report_path.exists():
+        raise FedhelixError(f"the run ended without a report in {submission.out_dir}; see the server's superlink.log")
+    report = json.loads(report_path.read_text())
+    if report.get("status") != "completed":
+        raise FedhelixError(f"study '{report['study']['name']}' {report.get('status')}: {report.get('error') or 'see report.html'}")
+    print_summary(report)

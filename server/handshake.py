@@ -66,7 +66,7 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
             )
         )
     if problems:
-        raise StudyAborted(f"{len(problems)} site(s) failed the data contract, nothing was trained: " + " | ".join(problems))
+        raise StudyAborted(f"{len(problems)} site(s) could not join the study, nothing was trained: " + " | ".join(problems))
     expected = [s.name for s in study.sites]
     names = [s.name for s in sites]
     unknown = sorted(set(names) - set(expected))

@@ -1,0 +1,175 @@
+"""``fedhelix node``: a hospital's SuperNode, checked before it dials out.
+
+Order matters: every check that can fail locally (kit, certificates, the site's data
+against the contract, the server's TLS certificate) runs before the node registers,
+so a problem is one line at the site and nothing is sent. The node then runs Flower's
+SuperNode in a child process with TLS, the site's node key (SuperNode authentication)
+and the approval gate of :mod:`client.node_gate`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from client.approval import approvals_path, read_approvals
+from shared.config import SiteConfig, load_site
+from shared.contract import load_site_data
+from shared.errors import ConfigError, FedhelixError
+from shared.flower_env import apply_flower_env
+from shared.pki import CertificateError, check_issued_by, check_validity, load_certificate, load_ssh_private_key, split_address
+
+EXIT_NODE_NOT_REGISTERED = 305  # flwr's exit code when the SuperLink rejects the node key
+
+
+@dataclass(frozen=True)
+class NodeKit:
+    """A site kit as written by ``fedhelix provision``."""
+
+    path: Path
+    consortium: str
+    site: str
+    server_address: str
+
+    @property
+    def ca(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.path / "node.key"
+
+    @property
+    def admin_cert(self) -> Path:
+        return self.path / "admin.crt"
+
+
+def load_node_kit(path: Path) -> NodeKit:
+    path = Path(path).resolve()
+    config = path / "node.toml"
+    if not config.is_file():
+        raise ConfigError(f"{path} is not a site kit (node.toml missing); use the kits/<site> directory from `fedhelix provision`")
+    node = tomllib.loads(config.read_text()).get("node", {})
+    try:
+        return NodeKit(path, str(node["consortium"]), str(node["site"]), str(node["server_address"]))
+    except KeyError as err:
+        raise ConfigError(f"{config}: [node] {err.args[0]} is missing") from None
+
+
+def check_kit(kit: NodeKit) -> x509.Certificate:
+    """The kit's key, CA and admin certificate are usable; returns the admin certificate."""
+    mode = kit.key.stat().st_mode & 0o077 if kit.key.exists() else 0
+    if mode:
+        raise CertificateError(f"node key {kit.key} is readable by other users; run `chmod 600 {kit.key}`")
+    load_ssh_private_key(kit.key)
+    ca = load_certificate(kit.ca)
+    check_validity(ca, f"consortium CA {kit.ca}")
+    admin = load_certificate(kit.admin_cert)
+    check_issued_by(admin, ca, f"admin certificate {kit.admin_cert}")
+    check_validity(admin, f"admin certificate {kit.admin_cert}")
+    return admin
+
+
+def probe_server(kit: NodeKit, timeout: float = 10.0) -> None:
+    """Open one TLS connection to the server and verify its certificate against the kit's CA."""
+    host, port = split_address(kit.server_address, f"{kit.path}/node.toml server_address")
+    context = ssl.create_default_context(cafile=str(kit.ca))
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw, server_hostname=host):
+            return
+    except ssl.SSLCertVerificationError as err:
+        reason = err.verify_message or str(err)
+        if "expired" in reason:
+            raise CertificateError(f"the server at {kit.server_address} presented an expired certificate; the consortium admin must renew it") from None
+        if "issuer" in reason or "self-signed" in reason or "self signed" in reason:
+            raise CertificateError(
+                f"the server at {kit.server_address} presented a certificate not issued by this kit's consortium CA ({kit.ca}); "
+                "refusing to connect (wrong server, or a kit from another consortium)"
+            ) from None
+        raise CertificateError(f"the server at {kit.server_address} failed TLS verification: {reason}") from None
+    except ssl.SSLError as err:
+        raise CertificateError(f"TLS with the server at {kit.server_address} failed ({err.reason or err}); is it a fedhelix server?") from None
+    except OSError as err:
+        raise FedhelixError(f"cannot reach the server at {kit.server_address} ({err.strerror or err}); check the address and the firewall (outbound TCP {port})") from None
+
+
+@dataclass(frozen=True)
+class NodePlan:
+    kit: NodeKit
+    site: SiteConfig
+    approvals: Path
+    ledger_dir: Path
+    command: list[str]
+
+
+def prepare_node(kit_path: Path, site_path: Path, *, port: int = 9094, ledger_dir: Path | None = None, probe: bool = True) -> NodePlan:
+    """Every local check, then the SuperNode command line (nothing started yet)."""
+    kit = load_node_kit(kit_path)
+    site = load_site(site_path)
+    if site.name != kit.site:
+        raise ConfigError(f"site file {site.path} describes site '{site.name}' but the kit {kit.path} belongs to '{kit.site}'")
+    check_kit(kit)
+    task = "survival" if site.data.time else "binary"
+    load_site_data(site, task)  # the contract, before anything leaves
+    approvals = approvals_path(site)
+    read_approvals(approvals)  # readable (an unreadable file is an error now, not mid-study)
+    if probe:
+        probe_server(kit)
+    ledger = ledger_dir or (site.path.parent / "ledgers" if site.path else Path("ledgers"))
+    node_config = f'site-config="{site.path}" ledger-dir="{ledger}"'
+    command = [
+        sys.executable, "-m", "client.supernode_entry",
+        "--site", kit.site, "--consortium", kit.consortium, "--approvals", str(approvals), "--admin-cert", str(kit.admin_cert),
+        "--",
+        "--superlink", kit.server_address,
+        "--root-certificates", str(kit.ca),
+        "--auth-supernode-private-key", str(kit.key),
+        "--node-config", node_config,
+        "--port", str(port),
+    ]  # fmt: skip
+    return NodePlan(kit, site, approvals, ledger, command)
+
+
+def run_node(plan: NodePlan) -> int:
+    """Run the SuperNode in the foreground; translate Flower's exit codes into one line."""
+    env = apply_flower_env(dict(os.environ))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]))
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec, flwr-clientapp
+    # Own process group: stopping the node stops Flower's SuperExec and every ClientApp it started.
+    proc = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: _stop_group(proc))
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        _stop_group(proc)
+        signal.signal(signal.SIGTERM, previous)
+    if code == EXIT_NODE_NOT_REGISTERED:
+        raise FedhelixError(
+            f"the server refused this node's key: site '{plan.kit.site}' is not on the consortium's allow-list; "
+            f"ask the consortium admin to register {plan.kit.path / 'node.pub'}"
+        )
+    return code
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the node's process group, then SIGKILL what is left after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue

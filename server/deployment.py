@@ -1,0 +1,214 @@
+"""``fedhelix server``: the SuperLink on loopback, the site-facing gateway, the allow-list.
+
+Three things a consortium server must do that stock Flower OSS leaves open:
+TLS everywhere (the server certificate from the consortium CA), SuperNode
+authentication always on (only provisioned site keys may join), and the Control API
+kept off the site-facing address (see :mod:`server.gateway`). Telemetry and update
+checks are off in every process (:mod:`shared.flower_env`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.errors import ConfigError, FedhelixError
+from shared.flower_env import apply_flower_env
+from shared.paths import PROJECT_ROOT
+from shared.pki import check_validity, load_certificate, split_address
+
+CONNECTION = "fedhelix"  # the flwr CLI's name for this server's Control API
+
+
+@dataclass(frozen=True)
+class ServerKit:
+    """A server kit as written by ``fedhelix provision``."""
+
+    path: Path
+    consortium: str
+    listen: str
+    link_port: int
+    database: Path
+
+    @property
+    def ca(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def cert(self) -> Path:
+        return self.path / "server.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.path / "server.key"
+
+    @property
+    def link_address(self) -> str:
+        return f"127.0.0.1:{self.link_port}"
+
+    def node_keys(self) -> dict[str, Path]:
+        return {p.stem: p for p in sorted((self.path / "nodes").glob("*.pub"))}
+
+
+def load_server_kit(path: Path) -> ServerKit:
+    path = Path(path).resolve()
+    config = path / "server.toml"
+    if not config.is_file():
+        raise ConfigError(f"{path} is not a server kit (server.toml missing); use kits/server from `fedhelix provision`")
+    s = tomllib.loads(config.read_text()).get("server", {})
+    try:
+        database = Path(str(s["database"]))
+        return ServerKit(path, str(s["consortium"]), str(s["listen"]), int(s["link_port"]), database if database.is_absolute() else path / database)
+    except KeyError as err:
+        raise ConfigError(f"{config}: [server] {err.args[0]} is missing") from None
+
+
+def check_server_kit(kit: ServerKit) -> None:
+    for what, file in (("consortium CA", kit.ca), ("server certificate", kit.cert)):
+        check_validity(load_certificate(file), f"{what} {file}")
+    if kit.key.stat().st_mode & 0o077:
+        raise ConfigError(f"server key {kit.key} is readable by other users; run `chmod 600 {kit.key}`")
+    if not kit.node_keys():
+        raise ConfigError(f"{kit.path}/nodes holds no site keys; provision sites first")
+
+
+def flwr_home_for(kit_ca: Path, control_address: str, home: Path) -> Path:
+    """A private FLWR_HOME whose one connection is this consortium's Control API (TLS, CA-verified)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{control_address}"\nroot-certificates = "{kit_ca}"\n'
+    )
+    return home
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    env = apply_flower_env(dict(os.environ))
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    return env
+
+
+def superlink_command(kit: ServerKit) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "flower-superlink"),
+        "--ssl-certfile", str(kit.cert), "--ssl-keyfile", str(kit.key), "--ssl-ca-certfile", str(kit.ca),
+        "--enable-supernode-auth",
+        "--database", str(kit.database),
+        "--host", "127.0.0.1", "--port", str(kit.link_port),
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+
+
+def gateway_command(kit: ServerKit) -> list[str]:
+    host, port = split_address(kit.listen, f"{kit.path}/server.toml listen")
+    return [sys.executable, "-m", "server.gateway", host, str(port), f"https://{kit.link_address}", str(kit.ca), str(kit.cert), str(kit.key)]
+
+
+def wait_healthy(url: str, ca: Path, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    context = ssl.create_default_context(cafile=str(ca))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise FedhelixError(f"{proc.args[0] if isinstance(proc.args, list) else proc.args} exited with code {proc.returncode} while starting")
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise FedhelixError(f"{url} did not answer within {timeout_s:.0f} s")
+
+
+def register_sites(kit: ServerKit, env: dict[str, str]) -> list[str]:
+    """Put every provisioned site key on the SuperLink's allow-list (idempotent across restarts)."""
+    flwr = str(Path(sys.executable).parent / "flwr")
+    listed = subprocess.run([flwr, "supernode", "ls", CONNECTION, "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+    known = listed.stdout if listed.returncode == 0 else ""
+    registered = []
+    for site, key in kit.node_keys().items():
+        if f'"{site}"' in known:
+            continue
+        done = subprocess.run([flwr, "supernode", "register", str(key), CONNECTION, "--name", site, "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
+            raise FedhelixError(f"registering site '{site}' ({key}) failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
+        registered.append(site)
+    return registered
+
+
+@dataclass
+class RunningServer:
+    kit: ServerKit
+    superlink: subprocess.Popen
+    gateway: subprocess.Popen
+    flwr_home: Path
+
+    def stop(self) -> None:
+        """Stop the gateway, the SuperLink and every process they started (their process groups)."""
+        for proc in (self.gateway, self.superlink):
+            _signal_group(proc, signal.SIGTERM)
+        for proc in (self.gateway, self.superlink):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def start_server(kit_path: Path, log_dir: Path | None = None) -> RunningServer:
+    """Start SuperLink and gateway, register the sites; returns once both answer /health."""
+    kit = load_server_kit(kit_path)
+    check_server_kit(kit)
+    if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
+        raise FedhelixError("flower-superlink not found beside this Python; install fedhelix into this environment")
+    kit.database.parent.mkdir(parents=True, exist_ok=True)
+    log_dir = log_dir or kit.database.parent
+    home = flwr_home_for(kit.ca, kit.link_address, kit.database.parent / "flwr-home")
+    env = flower_env(home)
+    link_log = open(log_dir / "superlink.log", "ab")  # noqa: SIM115 - owned by the process
+    superlink = subprocess.Popen(superlink_command(kit), env=env, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True)
+    gateway = None
+    try:
+        wait_healthy(f"https://{kit.link_address}/health", kit.ca, 60, superlink)
+        register_sites(kit, env)
+        gate_log = open(log_dir / "gateway.log", "ab")  # noqa: SIM115
+        gateway = subprocess.Popen(gateway_command(kit), env=env, stdout=gate_log, stderr=subprocess.STDOUT, start_new_session=True)
+        host, port = split_address(kit.listen)
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        wait_healthy(f"https://{probe_host}:{port}/health", kit.ca, 30, gateway)
+    except BaseException:
+        for proc in (gateway, superlink):
+            if proc is not None:
+                _signal_group(proc, signal.SIGKILL)
+        raise
+    return RunningServer(kit, superlink, gateway, home)
+
+
+def sites_status(server: RunningServer) -> list[dict]:
+    """The SuperLink's view of the registered nodes (flwr supernode ls)."""
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "flwr"), "supernode", "ls", CONNECTION, "--format", "json"],
+        env=flower_env(server.flwr_home), capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    try:
+        return list(json.loads(out.stdout).get("nodes", []))
+    except (ValueError, AttributeError):
+        return []
