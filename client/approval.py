@@ -15,9 +15,9 @@ import getpass
 import json
 import os
 import tomllib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping
 
 from cryptography import x509
 
@@ -68,7 +68,7 @@ def approve(study_path: Path, site: SiteConfig, code_sha256: str) -> Approval:
         study=study.name,
         study_sha256=study_digest(study_bytes),
         code_sha256=code_sha256,
-        approved_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        approved_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         approved_by=getpass.getuser(),
     )
     path = approvals_path(site)

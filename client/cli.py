@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
-
 from rich.table import Table
 
 from shared.config import load_site, load_study
-from shared.errors import ConfigError
 from shared.contract import load_site_data
+from shared.errors import ConfigError
 
 console = Console()
 
 
 def check_site_command(
     site: Annotated[Path, typer.Argument(help="The site file (TOML) describing this hospital's data.")],
-    study: Annotated[Optional[Path], typer.Option("--study", help="Check against this study's task and categories (default: survival if a time column is set, else binary).")] = None,
+    study: Annotated[Path | None, typer.Option("--study", help="Check against this study's task and categories (default: survival if a time column is set, else binary).")] = None,
 ) -> None:
     """Check the site's data against the contract, locally; nothing is sent anywhere."""
     config = load_site(site)
@@ -65,7 +64,7 @@ def ledger_show_command(
 def approve_command(
     study: Annotated[Path, typer.Argument(help="The study file (TOML) the consortium asks this site to take part in.")],
     site: Annotated[Path, typer.Option("--site", help="This hospital's site file (TOML).")],
-    code_digest: Annotated[Optional[str], typer.Option("--code-digest", help="Approve this code digest (from the release notes) instead of this installation's own code.")] = None,
+    code_digest: Annotated[str | None, typer.Option("--code-digest", help="Approve this code digest (from the release notes) instead of this installation's own code.")] = None,
 ) -> None:
     """Record this site's approval of STUDY with this version of the fedhelix code.
 

@@ -26,7 +26,14 @@ from shared.config import SiteConfig, load_site
 from shared.contract import load_site_data
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import apply_flower_env
-from shared.pki import CertificateError, check_issued_by, check_validity, load_certificate, load_ssh_private_key, split_address
+from shared.pki import (
+    CertificateError,
+    check_issued_by,
+    check_validity,
+    load_certificate,
+    load_ssh_private_key,
+    split_address,
+)
 
 EXIT_NODE_NOT_REGISTERED = 305  # flwr's exit code when the SuperLink rejects the node key
 

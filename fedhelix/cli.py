@@ -7,7 +7,12 @@ import sys
 import typer
 from rich.console import Console
 
-from client.cli import approve_command, check_site_command, ledger_show_command, node_command
+from client.cli import (
+    approve_command,
+    check_site_command,
+    ledger_show_command,
+    node_command,
+)
 from server.cli import provision_command, run_command, server_command, simulate_command
 from shared.errors import FedhelixError
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -18,8 +18,8 @@ console = Console()
 
 
 def simulate_command(
-    study: Annotated[Optional[Path], typer.Argument(help="Study file (TOML). Default: the bundled TCGA-BRCA survival study (6 regions).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory for metrics.jsonl, report.json/html, model.pt. Default: runs/<study name>.")] = None,
+    study: Annotated[Path | None, typer.Argument(help="Study file (TOML). Default: the bundled TCGA-BRCA survival study (6 regions).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory for metrics.jsonl, report.json/html, model.pt. Default: runs/<study name>.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own log on the console too.")] = False,
 ) -> None:
     """Run a study as a simulated federation on this machine (every site is a virtual Flower node)."""
@@ -40,7 +40,7 @@ def print_summary(report: dict) -> None:
     table.add_column("site", no_wrap=True)
     for header in ["train", "test", *metrics]:
         table.add_column(short.get(header, header), justify="right")
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     for name, row in report["final"]["sites"].items():
         table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[fmt(row.get(m)) for m in metrics])
     table.add_row("[bold]mean", "", "", *[fmt(report["final"]["mean"].get(m)) for m in metrics])
@@ -54,9 +54,9 @@ def print_summary(report: dict) -> None:
 
 
 def provision_command(
-    consortium: Annotated[Optional[Path], typer.Argument(help="Consortium file (TOML): [consortium] name, server_address, sites.")] = None,
+    consortium: Annotated[Path | None, typer.Argument(help="Consortium file (TOML): [consortium] name, server_address, sites.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the kits: OUT/ca, OUT/server, OUT/admin, OUT/<site>.")] = Path("kits"),
-    add_site: Annotated[Optional[str], typer.Option("--add-site", help="Add one site kit to an existing consortium in OUT (no other key changes).")] = None,
+    add_site: Annotated[str | None, typer.Option("--add-site", help="Add one site kit to an existing consortium in OUT (no other key changes).")] = None,
 ) -> None:
     """Create the consortium CA, server certificate, admin identity and one key per site."""
     from server.provision import add_site as add_one_site

@@ -16,10 +16,11 @@ import sys
 import tempfile
 import tomllib
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from server.deployment import CONNECTION, flower_env, flwr_home_for
 from shared.approval import (
     CONSORTIUM_KEY,
     SIGNATURE_KEY,
@@ -35,8 +36,6 @@ from shared.config import load_study
 from shared.errors import ConfigError, FedhelixError
 from shared.paths import PROJECT_ROOT
 from shared.pki import check_issued_by, check_validity, load_certificate, load_identity
-
-from server.deployment import CONNECTION, flower_env, flwr_home_for
 
 
 @dataclass(frozen=True)
@@ -112,7 +111,7 @@ def submit_study(
         run_id = None
         assert proc.stdout is not None
         for line in proc.stdout:
-            match = re.search(r"run (?:ID )?(\d{6,})", line, flags=re.I)
+            match = re.search(r"run (?:ID )?(\d{6,})", line, flags=re.IGNORECASE)
             if run_id is None and match:
                 run_id = int(match.group(1))
             if on_line is not None:

@@ -49,7 +49,7 @@ def _name(common_name: str, organisation: str) -> x509.Name:
 
 
 def _validity(days: int, not_before: dt.datetime | None) -> tuple[dt.datetime, dt.datetime]:
-    start = not_before or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+    start = not_before or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
     return start, start + dt.timedelta(days=days)
 
 
@@ -203,7 +203,7 @@ def load_ssh_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def check_validity(cert: x509.Certificate, what: str, now: dt.datetime | None = None) -> None:
     """Refuse a certificate outside its validity window, naming the dates."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     if now > cert.not_valid_after_utc:
         raise CertificateError(
             f"{what} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; ask the consortium admin for a renewed kit"

@@ -12,7 +12,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from server.provision import ConsortiumConfig, add_site, load_consortium, parse_consortium, provision
+from server.provision import (
+    ConsortiumConfig,
+    add_site,
+    load_consortium,
+    parse_consortium,
+    provision,
+)
 from shared.errors import ConfigError
 from shared.pki import (
     CertificateError,
@@ -94,11 +100,11 @@ def test_add_site_keeps_every_existing_key(tmp_path: Path) -> None:
 
 
 def test_expired_and_foreign_certificates_are_named(tmp_path: Path) -> None:
-    old = dt.datetime(2020, 1, 1, tzinfo=dt.timezone.utc)
+    old = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
     expired = create_ca("old", days=30, not_before=old)
     with pytest.raises(CertificateError, match="expired on 2020-01-31"):
         check_validity(expired.cert, "consortium CA")
-    future = create_ca("future", days=30, not_before=dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=2))
+    future = create_ca("future", days=30, not_before=dt.datetime.now(dt.UTC) + dt.timedelta(days=2))
     with pytest.raises(CertificateError, match="not valid before"):
         check_validity(future.cert, "consortium CA")
     other = create_ca("other")

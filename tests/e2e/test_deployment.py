@@ -1,0 +1,246 @@
+"""The real network path on loopback: provisioned kits, TLS gateway, SuperLink with node
+authentication, three SuperNodes with their own data, a signed and approved study with
+SecAgg+ and DP, and each way in which a node or a request must be turned away."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from client.approval import approve
+from client.node import prepare_node, probe_server
+from client.privacy.ledger import PrivacyLedger
+from server.deployment import RunningServer, flower_env, flwr_home_for, start_server
+from server.provision import ConsortiumConfig, add_site, provision
+from server.submit import submit_study
+from shared.approval import code_digest_of_project
+from shared.config import load_site
+from shared.errors import FedhelixError
+from shared.paths import PROJECT_ROOT
+from shared.pki import CertificateError
+
+pytestmark = pytest.mark.e2e
+
+SITES = ("northeast", "south", "west")
+STUDY = """
+[study]
+name = "deployed-tcga"
+task = "survival"
+model = "hazard"
+rounds = 2
+strategy = "fedavg"
+local_steps = 30
+batch_size = 8
+learning_rate = 0.1
+seed = 7
+secure_aggregation = true
+
+[model]
+time_bins = [365, 730, 1095, 1460, 1825, 2555, 3650]
+
+[privacy]
+dp = true
+target_epsilon = 8.0
+delta = 1e-5
+max_grad_norm = 1.0
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_site(directory: Path, name: str) -> Path:
+    data = PROJECT_ROOT / "data" / "tcga_brca" / "regions" / f"{name}.csv"
+    path = directory / f"{name}.toml"
+    path.write_text(
+        f'[site]\nname = "{name}"\n\n[data]\npath = "{data}"\nlabel = "E"\ntime = "T"\ndrop = ["pid"]\n'
+        f'split_column = "fold"\nmissing = "none"\n\n[privacy]\nledger = "ledgers/{name}.sqlite"\nepsilon_budget = 10.0\ndelta = 1e-5\n'
+    )
+    return path
+
+
+def study_text(sites: tuple[str, ...] = SITES, extra: str = "") -> str:
+    listed = "".join(f'\n[[sites]]\nname = "{s}"\nconfig = "{s}.toml"\n' for s in sites)
+    return STUDY + extra + listed
+
+
+@dataclass
+class Consortium:
+    root: Path
+    kits: Path
+    server: RunningServer
+    gateway_port: int
+    study: Path
+    code_digest: str
+    nodes: dict[str, subprocess.Popen]
+
+    def site_file(self, name: str) -> Path:
+        return self.root / "sites" / f"{name}.toml"
+
+
+def start_node(kit: Path, site: Path, port: int, log: Path) -> subprocess.Popen:
+    command = [str(Path(sys.executable).parent / "fedhelix"), "node", "--kit", str(kit), "--site", str(site), "--port", str(port)]
+    return subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=site.parent)
+
+
+@pytest.fixture(scope="module")
+def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
+    root = tmp_path_factory.mktemp("consortium")
+    gateway_port = free_port()
+    config = ConsortiumConfig(name="e2e", server_address=f"127.0.0.1:{gateway_port}", sites=SITES, link_port=free_port())
+    kits = root / "kits"
+    provision(config, kits)
+    (root / "sites").mkdir()
+    study = root / "sites" / "study.toml"
+    study.write_text(study_text())
+    digest = code_digest_of_project(PROJECT_ROOT)
+    for name in SITES:
+        approve(study, load_site(write_site(root / "sites", name)), digest)
+    server = start_server(kits / "server")
+    nodes = {}
+    try:
+        for name in SITES:
+            nodes[name] = start_node(kits / name, root / "sites" / f"{name}.toml", free_port(), root / f"node-{name}.log")
+        yield Consortium(root, kits, server, gateway_port, study, digest, nodes)
+    finally:
+        for proc in nodes.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in nodes.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        server.stop()
+
+
+def ledger_entries(c: Consortium, name: str) -> int:
+    site = load_site(c.site_file(name))
+    if not site.privacy.ledger.exists():
+        return 0
+    ledger = PrivacyLedger(site.privacy.ledger, name)
+    try:
+        return len(ledger.entries)
+    finally:
+        ledger.close()
+
+
+def test_signed_approved_study_runs_with_secagg_and_dp(consortium: Consortium) -> None:
+    submission = submit_study(consortium.study, consortium.kits / "admin", consortium.root / "runs", timeout_s=900)
+    report = json.loads((submission.out_dir / "report.json").read_text())
+    assert report["status"] == "completed", report.get("error")
+    assert sorted(report["final"]["sites"]) == sorted(SITES)
+    assert len(report["rounds"]) == 2
+    assert report["final"]["mean"]["c_index"] > 0.6
+    for name in SITES:
+        privacy = report["privacy"][name]
+        assert 0 < privacy["epsilon"] <= 8.0 + 1e-6
+        assert ledger_entries(consortium, name) == 2  # one ledger row per round, at the site
+    assert (submission.out_dir / "study.toml").read_bytes() == consortium.study.read_bytes()  # what was run
+    assert (submission.out_dir / "report.html").exists() and (submission.out_dir / "model.pt").exists()
+
+
+def test_unapproved_study_is_refused_by_every_site_and_nothing_is_trained(consortium: Consortium) -> None:
+    changed = consortium.root / "sites" / "study-changed.toml"
+    changed.write_text(consortium.study.read_text().replace("learning_rate = 0.1", "learning_rate = 0.5"))
+    before = {name: ledger_entries(consortium, name) for name in SITES}
+    with pytest.raises(FedhelixError, match="has not approved this study file") as err:
+        submit_study(changed, consortium.kits / "admin", consortium.root / "runs", timeout_s=600)
+    assert all(f"site '{name}'" in str(err.value) for name in SITES)
+    assert {name: ledger_entries(consortium, name) for name in SITES} == before
+
+
+def test_control_api_is_not_reachable_from_the_site_facing_address(consortium: Consortium, tmp_path: Path) -> None:
+    context = ssl.create_default_context(cafile=str(consortium.kits / "ca" / "ca.crt"))
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/register-node"):
+        request = urllib.request.Request(f"https://127.0.0.1:{consortium.gateway_port}{path}", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, context=context, timeout=10)
+        assert err.value.code == 403
+    # Flower's own CLI pointed at the site-facing address cannot list or submit runs.
+    home = flwr_home_for(consortium.kits / "ca" / "ca.crt", f"127.0.0.1:{consortium.gateway_port}", tmp_path / "flwr")
+    listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "fedhelix"], env=flower_env(home), capture_output=True, text=True, timeout=120)
+    assert listed.returncode != 0
+    # While the Control API answers on the loopback link for the admin.
+    with urllib.request.urlopen(f"https://127.0.0.1:{consortium.server.kit.link_port}/health", context=context, timeout=10) as reply:
+        assert reply.status == 200
+
+
+def test_unregistered_node_key_is_refused(consortium: Consortium) -> None:
+    kit = add_site(consortium.kits, "latecomer")  # provisioned after the server registered its allow-list
+    site = write_site(consortium.root / "sites", "latecomer")
+    site.write_text(site.read_text().replace("latecomer.csv", "midwest.csv"))
+    log = consortium.root / "node-latecomer.log"
+    proc = start_node(kit, site, free_port(), log)
+    try:
+        code = proc.wait(timeout=240)
+    finally:
+        proc.kill()
+    assert code == 2
+    assert "not on the consortium's allow-list" in log.read_text()
+
+
+def test_plaintext_node_cannot_connect(consortium: Consortium) -> None:
+    command = [
+        str(Path(sys.executable).parent / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{consortium.gateway_port}",
+        "--auth-supernode-private-key", str(consortium.kits / "south" / "node.key"), "--port", str(free_port()),
+        "--max-retries", "1", "--max-wait-time", "20",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=flower_env(consortium.root / "flwr-plain"), capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert "SuperNode ID" not in done.stdout + done.stderr  # never registered with the SuperLink
+
+
+def test_node_with_a_kit_from_another_consortium_refuses_the_server(consortium: Consortium, tmp_path: Path) -> None:
+    other = ConsortiumConfig(name="other", server_address=f"127.0.0.1:{consortium.gateway_port}", sites=("northeast",))
+    provision(other, tmp_path / "kits")
+    with pytest.raises(CertificateError, match="not issued by this kit's consortium CA"):
+        prepare_node(tmp_path / "kits" / "northeast", consortium.site_file("northeast"))
+
+
+def test_expired_server_certificate_is_refused_by_server_and_node(tmp_path: Path) -> None:
+    port = free_port()
+    config = ConsortiumConfig(name="old", server_address=f"127.0.0.1:{port}", sites=("northeast",), link_port=free_port(), certificate_days=30)
+    provision(config, tmp_path / "kits", now=dt.datetime(2024, 1, 1, tzinfo=dt.UTC))
+    with pytest.raises(CertificateError, match=r"server certificate .* expired on 2024-01-31"):
+        start_server(tmp_path / "kits" / "server")
+    # A server that presents it anyway (here: the gateway alone) is refused by the node's TLS check.
+    kit = tmp_path / "kits" / "server"
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "server.gateway", "127.0.0.1", str(port), "https://127.0.0.1:9", str(kit / "ca.crt"), str(kit / "server.crt"), str(kit / "server.key")],
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        from client.node import load_node_kit
+
+        node_kit = load_node_kit(tmp_path / "kits" / "northeast")
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                probe_server(node_kit, timeout=5)
+            except CertificateError as err:
+                assert "expired certificate" in err.line
+                break
+            except FedhelixError:  # not listening yet
+                assert time.monotonic() < deadline, "gateway did not start"
+                time.sleep(0.5)
+            else:
+                pytest.fail("an expired server certificate was accepted")
+    finally:
+        gateway.kill()
