@@ -54,8 +54,12 @@ log = logging.getLogger("fedhelix.launcher")
 HEAVY_MODULES = (
     "numpy",
     "pandas",
-    "scipy",
-    "sklearn",
+    "scipy.stats",
+    "sklearn.metrics",
+    "sklearn.model_selection",
+    "lifelines.utils",
+    "sqlite3",
+    "tomllib",
     "torch",
     "opacus",
     "torch_geometric",
@@ -185,14 +189,17 @@ def _runtime_client(runtime_address: str, secret: bytes | None, insecure: bool, 
     )
 
 
-def _reap(children: set[int]) -> None:
-    for pid in list(children):
-        done, status = os.waitpid(pid, os.WNOHANG)
+def _reap(children: dict[int, float]) -> None:
+    for pid, started in list(children.items()):
+        done, status, usage = os.wait4(pid, os.WNOHANG)
         if done:
-            children.discard(pid)
+            del children[pid]
             code = os.waitstatus_to_exitcode(status)
+            took, cpu = time.monotonic() - started, usage.ru_utime + usage.ru_stime
             if code != 0:
-                log.warning("ClientApp task process %d exited with %d", pid, code)
+                log.warning("ClientApp task process %d exited with %d after %.2f s", pid, code, took)
+            else:
+                log.info("ClientApp task process %d done in %.2f s (%.2f s CPU)", pid, took, cpu)
 
 
 def run_launcher(
@@ -229,7 +236,7 @@ def run_launcher(
     log.info("launcher ready in %.1f s (preloaded %s); polling %s every %g s", time.monotonic() - started, ", ".join(loaded) or "nothing", runtime_address, poll_interval)
 
     client = _runtime_client(runtime_address, secret, insecure, certificates)
-    children: set[int] = set()
+    children: dict[int, float] = {}  # pid -> start (monotonic)
     launched = 0
     me = os.getpid()
 
@@ -247,7 +254,7 @@ def run_launcher(
                 def task(token: str = token) -> None:
                     run_clientapp(runtime_api_address=runtime_address, token=token, insecure=insecure, certificates=certificates, parent_pid=me, runtime_dependency_install=False)
 
-                children.add(fork_task(task, threads=threads))
+                children[fork_task(task, threads=threads)] = time.monotonic()
                 launched += 1
                 continue  # another task may be waiting already
             time.sleep(poll_interval)
@@ -272,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--poll-interval", type=float, default=FAST.task_s, help=f"seconds between AcquireTask polls (default {FAST.task_s}; Flower's SuperExec: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each task process (default 1)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     if args.new_secret:
         print(write_secret_file(args.new_secret))
         return
