@@ -17,6 +17,7 @@ import ipaddress
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -140,7 +141,7 @@ class Loopback:
             if self.procs[0].poll() is not None:
                 raise RuntimeError(f"flower-superlink exited: {(self.workdir / 'superlink.log').read_text()[-2000:]}")
             try:
-                if httpx.get(f"https://{HOST}:{self.port}/health", verify=str(self.ca), timeout=1).status_code == 200:
+                if httpx.get(f"https://{HOST}:{self.port}/health", verify=ssl.create_default_context(cafile=str(self.ca)), timeout=1).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
