@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--secagg", action="store_true", help="also time the fast path with SecAgg+ on")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so a killed bench still stops its deployment
     with tempfile.TemporaryDirectory(prefix="fedhelix-round-overhead-") as tmp:
         fast = measure(Path(tmp) / "fast", True, args.rounds)
         print(f"fast : {fast['per_round_s']:.2f} s per round (rounds 2..{args.rounds}: {fast['gaps_s']}; run {fast['run_wall_s']} s)", flush=True)
