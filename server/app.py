@@ -31,6 +31,7 @@ from server.handshake import handshake
 from server.recorder import RunRecorder
 from server.report import write_reports
 from server.secure_aggregation import StrictSecAggPlus, derive_params
+from server.short_poll import ShortPollGrid, poll_interval
 from server.strategy import build_strategy
 from shared.approval import STUDY_B64_KEY, decode_study
 from shared.config import StudyConfig, load_study, parse_study
@@ -52,6 +53,8 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         # Simulation: polling in-process state is free; Flower's 0.1 s default dominates
         # SecAgg+'s four round trips per round.
         grid.pull_interval = SIMULATION_PULL_INTERVAL_S
+    elif (interval := poll_interval(context.run_config)) is not None:
+        grid = ShortPollGrid(grid, interval)  # deployment: Flower's HttpGrid waits 3 s between pulls
     tapped = TappedGrid(grid, recorder.observe_reply, observe)
     status, error, sites = "completed", None, []
     final_model = None

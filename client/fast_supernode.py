@@ -1,0 +1,97 @@
+"""Flower's own SuperNode, with short polls instead of its hard-coded 3 s and 0.5 s sleeps.
+
+``flwr/supernode/start_client_internal.py`` sleeps ``time.sleep(3)`` after every
+empty pull from the SuperLink and ``time.sleep(0.5)`` while it waits for the
+ClientApp's reply; nothing configures either. Both are calls on the module's
+``time`` global, so this entry point gives that module a ``time`` whose
+``sleep`` shortens exactly those two waits, then runs Flower's unchanged
+``flower-supernode`` main. :func:`apply_short_polls` first checks the targets
+and raises :class:`~shared.flower_polling.FlowerInternalsChanged` if they
+moved, so a Flower upgrade fails loudly.
+
+    python -m client.fast_supernode [--poll-interval S] [--reply-poll-interval S] FLOWER-SUPERNODE-ARGS...
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+import types
+from collections.abc import Sequence
+
+from shared.flower_env import apply_flower_env
+from shared.flower_polling import FAST, TASK_POLL_ENV, FlowerInternalsChanged, shorten_object_pull_backoff
+
+IDLE_SLEEP_S = 3  # start_client_internal: `time.sleep(3)` when a pull returned nothing
+REPLY_SLEEP_S = 0.5  # start_client_internal._push_messages: `time.sleep(0.5)` waiting for the reply
+
+
+class ShortSleeps(types.ModuleType):
+    """Stands in for the ``time`` module inside one Flower module: maps its fixed sleeps to short ones."""
+
+    def __init__(self, mapping: dict[float, float]) -> None:
+        super().__init__("time")
+        self._mapping = dict(mapping)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(self._mapping.get(seconds, seconds))
+
+    def __getattr__(self, name: str):  # time.time, time.monotonic, ... unchanged
+        return getattr(time, name)
+
+
+def _supernode_module() -> types.ModuleType:
+    from flwr.supernode import start_client_internal
+
+    return start_client_internal
+
+
+def check_supernode_targets() -> None:
+    """Raise :class:`FlowerInternalsChanged` unless the SuperNode's sleeps are where we expect them."""
+    module = _supernode_module()
+    current = getattr(module, "time", None)
+    if not (current is time or isinstance(current, ShortSleeps)):
+        raise FlowerInternalsChanged("flwr.supernode.start_client_internal no longer uses the module global `time`")
+    for function, call in (("start_client_internal", f"time.sleep({IDLE_SLEEP_S})"), ("_push_messages", f"time.sleep({REPLY_SLEEP_S})")):
+        target = getattr(module, function, None)
+        if target is None or call not in inspect.getsource(target):
+            raise FlowerInternalsChanged(f"flwr.supernode.start_client_internal.{function} no longer calls `{call}`")
+
+
+def apply_short_polls(node_s: float = FAST.node_s, reply_s: float = FAST.reply_s, task_s: float = FAST.task_s, pull_backoff_s: float = FAST.pull_backoff_s) -> None:
+    """Shorten the SuperNode's waits in this process (and SuperExec's, via Flower's env var)."""
+    check_supernode_targets()
+    _supernode_module().time = ShortSleeps({IDLE_SLEEP_S: node_s, REPLY_SLEEP_S: reply_s})
+    shorten_object_pull_backoff(pull_backoff_s)
+    # In `--isolation subprocess` the SuperNode starts flower-superexec, which reads this.
+    os.environ.setdefault(TASK_POLL_ENV, str(task_s))
+
+
+def run_fast_supernode(argv: Sequence[str], *, node_s: float = FAST.node_s, reply_s: float = FAST.reply_s, task_s: float = FAST.task_s) -> None:
+    """Run ``flower-supernode ARGV`` (Flower's own main) with short polls; does not return until it exits."""
+    from flwr.supernode.cli import flower_supernode
+
+    apply_flower_env()
+    apply_short_polls(node_s, reply_s, task_s)
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m client.fast_supernode",
+        description="flower-supernode with short polls; every other argument goes to flower-supernode.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--poll-interval", type=float, default=FAST.node_s, help="seconds between pulls from the SuperLink when idle (Flower: 3)")
+    parser.add_argument("--reply-poll-interval", type=float, default=FAST.reply_s, help="seconds between checks for the ClientApp's reply (Flower: 0.5)")
+    parser.add_argument("--task-poll-interval", type=float, default=FAST.task_s, help="SuperExec's task poll in --isolation subprocess (Flower: 1)")
+    ours, rest = parser.parse_known_args(argv)
+    run_fast_supernode(rest, node_s=ours.poll_interval, reply_s=ours.reply_poll_interval, task_s=ours.task_poll_interval)
+
+
+if __name__ == "__main__":
+    main()
