@@ -92,11 +92,12 @@ def node_command(
     kit: Annotated[Path, typer.Option("--kit", help="This site's kit directory from the consortium admin (kits/<site>).")],
     site: Annotated[Path, typer.Option("--site", help="This hospital's site file (TOML): where the data lives and what it means.")],
     port: Annotated[int, typer.Option("--port", help="Local port of the node's own Runtime API (loopback; distinct per node on one host).")] = 9094,
+    stock: Annotated[bool, typer.Option("--stock", help="Run Flower's stock SuperNode (fresh ClientApp process per message, 3 s polls) instead of the warm launcher with short polls.")] = False,
 ) -> None:
     """Hospital IT: check everything locally, then run this site's node (outbound TLS to the server only)."""
     from client.node import prepare_node, run_node
 
-    plan = prepare_node(kit, site, port=port)
+    plan = prepare_node(kit, site, port=port, fast=not stock)
     approved = read_approvals_count(plan.approvals)
     console.print(f"[green]OK[/] kit, certificates, server TLS and site data checked for site '{plan.site.name}'")
     console.print(f"node dials {plan.kit.server_address}; {approved} approved stud{'y' if approved == 1 else 'ies'} in {plan.approvals}; ledger in {plan.ledger_dir}")

@@ -2,6 +2,8 @@
 
 ``python -m client.supernode_entry --site S --consortium C --approvals FILE --admin-cert FILE -- <flower-supernode args>``
 ``fedhelix node`` builds this command after its checks; it is not meant to be typed.
+With ``--fast`` the SuperNode also polls quickly (:mod:`client.fast_supernode`); the warm
+ClientApp launcher (:mod:`client.launcher`) then runs beside it as a second process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--consortium", required=True)
     parser.add_argument("--approvals", required=True, type=Path)
     parser.add_argument("--admin-cert", required=True, type=Path)
+    parser.add_argument("--fast", action="store_true", help="short polls (client.fast_supernode) instead of Flower's 3 s sleeps")
     args = parser.parse_args(ours)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s fedhelix-node: %(message)s"))
@@ -32,6 +35,10 @@ def main(argv: list[str] | None = None) -> None:
     ours.propagate = False  # Flower configures the root logger its own way
     node_gate.install(args.site, args.consortium, args.approvals, load_certificate(args.admin_cert))
 
+    if args.fast:
+        from client.fast_supernode import apply_short_polls
+
+        apply_short_polls()
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *flower]

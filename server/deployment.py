@@ -24,6 +24,7 @@ from pathlib import Path
 
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import apply_flower_env
+from shared.flower_polling import FAST, TASK_POLL_ENV
 from shared.paths import PROJECT_ROOT
 from shared.pki import check_validity, load_certificate, split_address
 
@@ -183,6 +184,7 @@ def start_server(kit_path: Path, log_dir: Path | None = None) -> RunningServer:
     log_dir = log_dir or kit.database.parent
     home = flwr_home_for(kit.ca, kit.link_address, kit.database.parent / "flwr-home")
     env = flower_env(home)
+    env.setdefault(TASK_POLL_ENV, str(FAST.task_s))  # SuperExec starts the ServerApp within 50 ms, not 1 s
     link_log = open(log_dir / "superlink.log", "ab")  # noqa: SIM115 - owned by the process
     superlink = subprocess.Popen(superlink_command(kit), env=env, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True)
     gateway = None
