@@ -60,3 +60,17 @@ def ledger_show_command(
     budget = config.privacy.epsilon_budget
     console.print(f"spent epsilon = {spent:.3f} at delta = {delta:g} ({accountant}, all studies composed); budget {budget:g}; remaining {max(budget - spent, 0):.3f}")
     ledger.close()
+
+
+def audit_verify_command(
+    log: Annotated[Path, typer.Argument(help="The site's audit log (SITE.audit.jsonl).")],
+) -> None:
+    """Check the audit log's hash chain: any edited, removed or reordered entry is an error (exit 2)."""
+    from client.audit import verify
+
+    summary = verify(log)
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.kinds.items())) or "no messages"
+    console.print(
+        f"[green]OK[/] {summary.path}: {summary.entries} entries intact ({kinds}); "
+        f"site(s) {', '.join(summary.sites) or '-'}; studies {', '.join(summary.studies) or '-'}; head {summary.head}"
+    )

@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.console import Console
 
-from client.cli import check_site_command, ledger_show_command
+from client.cli import audit_verify_command, check_site_command, ledger_show_command
 from server.cli import simulate_command
 from shared.errors import FedhelixError
 
@@ -31,6 +31,12 @@ app.command(
 ledger_app = typer.Typer(help="Hospital IT: the site's privacy ledger (every DP round spent on its data).", no_args_is_help=True)
 ledger_app.command("show", help="Print the privacy ledger of the site file SITE: history, epsilon spent, budget remaining.")(ledger_show_command)
 app.add_typer(ledger_app, name="ledger")
+audit_app = typer.Typer(help="Hospital IT: the site's audit log of every message that left it.", no_args_is_help=True)
+audit_app.command(
+    "verify",
+    help="Check the hash chain of the audit log LOG (SITE.audit.jsonl): exit 0 with a summary, exit 2 naming the first edited, removed or reordered entry.",
+)(audit_verify_command)
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:
