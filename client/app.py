@@ -21,6 +21,7 @@ from flwr.client.mod import secaggplus_mod
 import flwr.compat.common.recorddict_compat as compat
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.audit import AuditLog, audit_path
 from client.privacy.budget import open_ledger, plan_dp_round
 from client.privacy.ledger import LedgerEntry
 from client.site_data import load_for_plan, resolve_site
@@ -43,10 +44,11 @@ def _scalars(metrics: dict) -> dict:
 class SiteClient(NumPyClient):
     """Trains and evaluates the global model on one site's private data."""
 
-    def __init__(self, site: SiteConfig, ledger_dir: str | None = None, simulation: bool = False) -> None:
+    def __init__(self, site: SiteConfig, ledger_dir: str | None = None, simulation: bool = False, audit: AuditLog | None = None) -> None:
         self.site = site
         self.ledger_dir = ledger_dir
         self.simulation = simulation  # only a simulation may accept reproducible (predictable) DP noise
+        self.audit = audit or AuditLog(audit_path(site.name, site.path), site.name)  # every reply is logged before it leaves
 
     def _setup(self, config: dict, parameters: NDArrays | None = None):
         plan = TrainingPlan.from_json(str(config[PLAN_KEY]))
@@ -59,7 +61,7 @@ class SiteClient(NumPyClient):
     def get_properties(self, config):
         """Handshake before round 1: counts and encoded feature names, never values."""
         plan, data, _ = self._setup(config)
-        return {
+        props = {
             "site": self.site.name,
             "n_train": data.n_train,
             "n_test": data.n_test,
@@ -69,6 +71,8 @@ class SiteClient(NumPyClient):
             # which features are 0/1 here (a pooled scaler leaves features that are 0/1 everywhere alone)
             "indicators": json.dumps(is_indicator(data.x_train).tolist()),
         }
+        self.audit.append(study=plan.study, server_round=0, kind="handshake", metrics=props)
+        return props
 
     def _fit_statistics(self, plan: TrainingPlan, data) -> tuple[NDArrays, int, dict]:
         """Secure statistics round: this site's feature means and mean squares, summed under SecAgg+.
@@ -87,7 +91,9 @@ class SiteClient(NumPyClient):
                 f"stats_bound {plan.stats_bound:g}; nothing was sent. Fix: rescale the column or raise [secure_aggregation] stats_bound"
             )
         log.info("site '%s': masking %d feature statistics for the secure sum", self.site.name, len(values))
-        return [values.astype(np.float64)], data.n_train, {"site": self.site.name}
+        arrays, metrics = [values.astype(np.float64)], {"site": self.site.name}
+        self.audit.append(study=plan.study, server_round=0, kind="statistics", arrays=arrays, metrics=metrics, l2_norm=l2_norm(arrays), masked=True)
+        return arrays, data.n_train, metrics
 
     def fit(self, parameters, config):
         plan, data, model = self._setup(config, None if config.get(STAGE_KEY) == "stats" else parameters)
@@ -123,7 +129,12 @@ class SiteClient(NumPyClient):
         else:
             metrics["update_norm"] = norm
             log.info("site '%s' round %d: sending delta (L2 norm %.4g) from %d examples", self.site.name, server_round, norm, data.n_train)
-        return delta, weight, _scalars({"site": self.site.name, **metrics})
+        metrics = _scalars({"site": self.site.name, **metrics})
+        self.audit.append(
+            study=plan.study, server_round=server_round, kind="update", arrays=delta, metrics=metrics,
+            l2_norm=l2_norm(delta), epsilon=metrics.get("epsilon"), masked=plan.secure_aggregation,
+        )  # fmt: skip
+        return delta, weight, metrics
 
     def _fit_private(self, plan: TrainingPlan, data, model, parameters, server_round: int):
         """DP-SGD round: refuse before training if the ledger's budget would be exceeded."""
@@ -164,7 +175,9 @@ class SiteClient(NumPyClient):
     def evaluate(self, parameters, config):
         plan, data, model = self._setup(config, parameters)
         loss, metrics = evaluate(model, data, plan)
-        return loss, data.n_test, _scalars({"site": self.site.name, **metrics})
+        metrics = _scalars({"site": self.site.name, **metrics})
+        self.audit.append(study=plan.study, server_round=int(config.get(ROUND_KEY, 0)), kind="metrics", metrics={"loss": loss, "n": data.n_test, **metrics})
+        return loss, data.n_test, metrics
 
 
 def _delta(model, parameters: NDArrays) -> NDArrays:
@@ -189,19 +202,23 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     return call_next(msg, ctxt)
 
 
-def create_client_app(study_path: str | None = None, ledger_dir: str | None = None) -> ClientApp:
+def create_client_app(study_path: str | None = None, ledger_dir: str | None = None, audit_dir: str | None = None) -> ClientApp:
     """Build the ClientApp; ``study_path`` pins the study in simulation (else run config).
 
     ``ledger_dir`` (simulations only) keeps each run's privacy ledgers apart
     from the sites' real ledgers. A node may relocate its ledgers with its own
     node config ``ledger-dir`` (never the run config, which the coordinator sets).
+    ``audit_dir`` (simulations) holds each site's audit log; a node's log is its
+    node config ``audit-log``, else ``SITE.audit.jsonl`` beside its site file.
     """
     simulation = study_path is not None
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # tiny models; one thread avoids oversubscribing small hosts
         ledgers = ledger_dir or context.node_config.get("ledger-dir")
-        return SiteClient(resolve_site(context, study_path), str(ledgers) if ledgers else None, simulation).to_client()
+        site = resolve_site(context, study_path)
+        audit = AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
+        return SiteClient(site, str(ledgers) if ledgers else None, simulation, audit).to_client()
 
     return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
 

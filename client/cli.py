@@ -108,3 +108,15 @@ def read_approvals_count(path: Path) -> int:
     from client.approval import read_approvals
 
     return len(read_approvals(path))
+def audit_verify_command(
+    log: Annotated[Path, typer.Argument(help="The site's audit log (SITE.audit.jsonl).")],
+) -> None:
+    """Check the audit log's hash chain: any edited, removed or reordered entry is an error (exit 2)."""
+    from client.audit import verify
+
+    summary = verify(log)
+    kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.kinds.items())) or "no messages"
+    console.print(
+        f"[green]OK[/] {summary.path}: {summary.entries} entries intact ({kinds}); "
+        f"site(s) {', '.join(summary.sites) or '-'}; studies {', '.join(summary.studies) or '-'}; head {summary.head}"
+    )

@@ -14,6 +14,8 @@ from client.cli import (
     node_command,
 )
 from server.cli import provision_command, run_command, server_command, simulate_command
+from client.cli import audit_verify_command, check_site_command, ledger_show_command
+from server.cli import simulate_command
 from shared.errors import FedhelixError
 
 app = typer.Typer(
@@ -61,6 +63,12 @@ app.command(
     help="Hospital IT: check the kit, certificates, site data and the server's TLS certificate, then run this "
     "site's node (outbound connection only).",
 )(node_command)
+audit_app = typer.Typer(help="Hospital IT: the site's audit log of every message that left it.", no_args_is_help=True)
+audit_app.command(
+    "verify",
+    help="Check the hash chain of the audit log LOG (SITE.audit.jsonl): exit 0 with a summary, exit 2 naming the first edited, removed or reordered entry.",
+)(audit_verify_command)
+app.add_typer(audit_app, name="audit")
 
 
 def main() -> None:

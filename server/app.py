@@ -20,11 +20,11 @@ import torch
 from flwr.app import Context
 from flwr.common import parameters_to_ndarrays
 from flwr.server import LegacyContext, ServerConfig
-from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from server.checkpoint import Checkpointer, load_checkpoint, resume_state
 from server.federated_stats import needs_federated_stats, secure_pooled_standardizer
 from server.grid_tap import Observer, TappedGrid
 from server.handshake import handshake
@@ -33,6 +33,8 @@ from server.report import write_reports
 from server.secure_aggregation import StrictSecAggPlus, derive_params
 from server.short_poll import ShortPollGrid, poll_interval
 from server.strategy import build_strategy
+from server.tracking import add_trackers
+from server.workflow import ResumableWorkflow
 from shared.approval import STUDY_B64_KEY, decode_study
 from shared.config import StudyConfig, load_study, parse_study
 from shared.errors import FedhelixError
@@ -46,16 +48,23 @@ log = logging.getLogger("fedhelix.server")
 SIMULATION_PULL_INTERVAL_S = 0.005
 
 
-def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, observe: Observer | None = None) -> dict:
-    """Run one study on ``grid``; always leaves a report, raises if the study failed."""
+def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, observe: Observer | None = None, resume: bool = False) -> dict:
+    """Run one study on ``grid``; always leaves a report, raises if the study failed.
+
+    With ``resume``, continue from the last complete round checkpointed in ``out_dir``.
+    """
+    ckpt = load_checkpoint(out_dir, study) if resume else None  # refused before anything in out_dir changes
     recorder = RunRecorder(out_dir, study.task)
+    if ckpt is not None:
+        recorder.restore(ckpt.rounds, ckpt.failures)
+    add_trackers(recorder, out_dir, start_round=ckpt.round + 1 if ckpt else 1)
     if isinstance(grid, InMemoryGrid):
         # Simulation: polling in-process state is free; Flower's 0.1 s default dominates
         # SecAgg+'s four round trips per round.
         grid.pull_interval = SIMULATION_PULL_INTERVAL_S
     elif (interval := poll_interval(context.run_config)) is not None:
         grid = ShortPollGrid(grid, interval)  # deployment: Flower's HttpGrid waits 3 s between pulls
-    tapped = TappedGrid(grid, recorder.observe_reply, observe)
+    tapped = TappedGrid(grid, recorder.observe_reply, observe, timeout=study.round_timeout_s)
     status, error, sites = "completed", None, []
     final_model = None
     plan = TrainingPlan.from_study(study)
@@ -71,13 +80,16 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
             params = derive_params(len(study.sites), study.secure.max_dropouts, study.update_bound, 1 if site_level else max(s.n_train for s in sites))
             recorder.secure = params
             log.info("SecAgg+: %d shares, threshold %d, clipping +-%g, Q=2^%d, M=2^32, max_weight %g", params.num_shares, params.reconstruction_threshold, params.clipping_range, params.quantization_range.bit_length() - 1, params.max_weight)
-        if needs_federated_stats(sites):
+        if ckpt is not None:
+            plan = resume_state(ckpt, plan, model)
+        elif needs_federated_stats(sites):
             pooled = secure_pooled_standardizer(tapped, context, study, plan, sites, params)
             plan = dataclasses.replace(plan, normalization={"mean": pooled.mean.tolist(), "scale": pooled.scale.tolist()})
-        strategy = build_strategy(study, plan, get_weights(model), recorder)
+        strategy = build_strategy(study, plan, ckpt.weights if ckpt else get_weights(model), recorder)
+        checkpointer = Checkpointer(out_dir, study, plan, recorder, strategy, ckpt)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=study.rounds), strategy=strategy)
         fit_workflow = StrictSecAggPlus(params, timeout=study.secure.timeout_s) if params else None
-        DefaultWorkflow(fit_workflow=fit_workflow)(tapped, legacy)
+        ResumableWorkflow(fit_workflow=fit_workflow, start_round=checkpointer.start_round, after_round=checkpointer)(tapped, legacy)
         weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
         set_weights(model, weights)
         final_model = model
@@ -108,8 +120,10 @@ def _study_from_run_config(run_config: Mapping[str, Any], study: str | Path | No
     return load_study(resolve_path(study or str(run_config.get("study", ""))))
 
 
-def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: str | Path | None = None, observe: Observer | None = None) -> ServerApp:
+def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: str | Path | None = None, observe: Observer | None = None, resume: bool = False) -> ServerApp:
     """Build the ServerApp; arguments pin the study and output (else taken from run config).
+
+    ``resume`` (or run config ``resume = "RUN_DIR"``) continues from the run directory's checkpoint.
 
     ``observe`` receives every (sent, replies) exchange of the coordinator (tests, audits).
     """
@@ -120,13 +134,14 @@ def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: st
         nonlocal study
         if not isinstance(study, StudyConfig):
             study = _study_from_run_config(context.run_config, study)
-        out = Path(out_dir) if out_dir else resolve_path(str(context.run_config.get("out", "runs"))) / study.name
+        resume_dir = str(context.run_config.get("resume", "") or "")
+        out = Path(out_dir) if out_dir else resolve_path(resume_dir) if resume_dir else resolve_path(str(context.run_config.get("out", "runs"))) / study.name
         if STUDY_B64_KEY in context.run_config and context.run_config[STUDY_B64_KEY]:
             out.mkdir(parents=True, exist_ok=True)
             (out / "study.toml").write_bytes(decode_study(str(context.run_config[STUDY_B64_KEY])))  # what was run
         log.info("study '%s': %s, %s model, %s, %d rounds, %d sites -> %s", study.name, study.task, study.model, study.strategy, study.rounds, len(study.sites), out)
         started = time.time()
-        run_study(grid, context, study, out, observe)
+        run_study(grid, context, study, out, observe, resume=resume or bool(resume_dir))
         log.info("study '%s' finished in %.1f s; report in %s", study.name, time.time() - started, out / "report.html")
 
     return app

@@ -21,12 +21,17 @@ def simulate_command(
     study: Annotated[Path | None, typer.Argument(help="Study file (TOML). Default: the bundled TCGA-BRCA survival study (6 regions).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory for metrics.jsonl, report.json/html, model.pt. Default: runs/<study name>.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own log on the console too.")] = False,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the interrupted run in this run directory from its last checkpointed round (same study file).")] = None,
 ) -> None:
     """Run a study as a simulated federation on this machine (every site is a virtual Flower node)."""
     from server.simulate import simulate
 
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
-    report = simulate(study or DEFAULT_STUDY, out, verbose=verbose, echo=console.print)
+    if resume is not None and out is not None and out.resolve() != resume.resolve():
+        from shared.errors import ConfigError
+
+        raise ConfigError(f"--resume {resume} continues in its own run directory; drop --out {out}")
+    report = simulate(study or DEFAULT_STUDY, out, verbose=verbose, echo=console.print, resume=resume)
     print_summary(report)
 
 

@@ -65,6 +65,9 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
                 indicators=json.loads(str(props.get("indicators", "[]"))),
             )
         )
+    silent = len(nodes) - len(sites) - len(problems)
+    if silent > 0 and not problems:  # every site must answer: the handshake fixes features and SecAgg+ parameters
+        raise StudyAborted(f"{silent} of {len(nodes)} site(s) did not answer the handshake within the round timeout; nothing was trained")
     if problems:
         raise StudyAborted(f"{len(problems)} site(s) could not join the study, nothing was trained: " + " | ".join(problems))
     expected = [s.name for s in study.sites]

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,14 @@ class RunRecorder:
         self._current: dict[str, Any] = {}
         self.secure: Any = None  # SecAgg+ parameters when secure aggregation is on
         self.started = time.time()
+        self.listeners: list[Callable[[dict[str, Any]], None]] = []  # e.g. TensorBoard, called per completed round
+
+    def restore(self, rounds: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
+        """Continue from a checkpoint: its rounds become this run's history (and metrics.jsonl)."""
+        self.rounds = [dict(r) for r in rounds]
+        self.failures = [dict(f) for f in failures]
+        with self.metrics_path.open("w") as fh:
+            fh.writelines(json.dumps(entry) + "\n" for entry in self.rounds)
 
     # -- sites --------------------------------------------------------------
     def set_sites(self, sites: list[SiteInfo]) -> None:
@@ -81,7 +90,8 @@ class RunRecorder:
         """A site replied with an error instead of a result: remember who and why."""
         text = (error_reason or "").strip()
         reason = extract_error_line(text) or (text.splitlines()[0][:300] if text else "no reason given")
-        entry = {"round": server_round, "phase": message_type, "site": self.site_name(node_id), "reason": reason}
+        kind = "dropped" if reason.startswith("no reply") else "failed"
+        entry = {"round": server_round, "phase": message_type, "site": self.site_name(node_id), "reason": reason, "kind": kind}
         self.failures.append(entry)
         log.warning("round %s %s: site '%s' failed: %s", server_round, message_type, entry["site"], reason)
 
@@ -89,7 +99,7 @@ class RunRecorder:
         self._current = {"round": server_round, "started": self._current.get("started", time.time())}
         self._current["fit"] = {"sites": per_site, "rejected": rejected}
         for site, reason in rejected.items():
-            self.failures.append({"round": server_round, "phase": "train", "site": site, "reason": reason})
+            self.failures.append({"round": server_round, "phase": "train", "site": site, "reason": reason, "kind": "rejected"})
 
     def record_evaluate(self, server_round: int, per_site: dict[str, dict[str, Any]]) -> None:
         weights = {s.name: s.n_test for s in self.sites.values()}
@@ -103,6 +113,11 @@ class RunRecorder:
         self._current = {}
         with self.metrics_path.open("a") as fh:
             fh.write(json.dumps(entry) + "\n")
+        for listener in self.listeners:
+            try:
+                listener(entry)
+            except Exception as err:  # noqa: BLE001 - a dashboard must never stop a study
+                log.warning("round %d: tracking failed: %s", server_round, err)
         primary, _ = PRIMARY[self.task]
         value = entry["evaluate"]["mean"].get(primary)
         log.info("round %d: mean %s over sites = %s", server_round, primary, f"{value:.4f}" if value is not None else "n/a")

@@ -253,7 +253,7 @@ def render_html(report: dict[str, Any]) -> str:
     site_rows.append(["mean over sites", "", "", *[final["mean"].get(m, "n/a") for m in metrics]])
     site_rows.append(["weighted by n_test", "", "", *[final["weighted"].get(m, "n/a") for m in metrics]])
     plots = [p for p in (_curve(report, primary), _bars(report, primary), _curve(report, "loss"), _epsilon(report)) if p]
-    failures = _table([[f["round"], f["phase"], f["site"], f["reason"]] for f in report["failures"]], ["round", "phase", "site", "reason"]) if report["failures"] else "<p>None.</p>"
+    failures = _table([[f["round"], f["phase"], f["site"], f.get("kind", "failed"), f["reason"]] for f in report["failures"]], ["round", "phase", "site", "kind", "reason"]) if report["failures"] else "<p>None.</p>"
     status = report["status"]
     banner = f'<p class="status {status}">Status: <b>{html.escape(status)}</b>' + (f" — {html.escape(report['error'])}" if report.get("error") else "") + "</p>"
     settings = _table(list(_flatten({k: v for k, v in study.items() if k != "sites"})), ["setting", "value"])

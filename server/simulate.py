@@ -88,22 +88,35 @@ def simulate(
     echo: Callable[[str], None] = log.info,
     ledger_dir: str | Path | None = None,
     observe=None,
+    resume: str | Path | None = None,
 ) -> dict:
     """Run the study; return the report dict. Raises :class:`FedhelixError` on a failed study.
 
     ``check`` validates every site locally first (a researcher has all site files);
     without it, a bad site is caught by the federated handshake instead.
     Privacy ledgers of a simulation live in ``DIR/ledgers`` (started afresh each
-    run) unless ``ledger_dir`` names a directory to keep composing in.
+    run) unless ``ledger_dir`` names a directory to keep composing in; the sites'
+    audit logs live in ``DIR/audit``. ``resume`` names the run directory of an
+    interrupted run: the study continues from its last checkpointed round, with
+    its ledgers and audit logs kept.
     """
     apply_flower_env()
     study = study_path if isinstance(study_path, StudyConfig) else load_study(study_path)
+    if resume is not None:
+        from server.checkpoint import load_checkpoint
+
+        out_dir = resume
+        load_checkpoint(Path(resume), study)  # refuse another study's checkpoint before starting anything
     out = Path(out_dir) if out_dir else Path("runs") / study.name
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    audit_dir = out / "audit"
     if ledger_dir is None:
         ledger_dir = out / "ledgers"
-        shutil.rmtree(ledger_dir, ignore_errors=True)  # a simulated run's ledgers start empty
+        if resume is None:
+            shutil.rmtree(ledger_dir, ignore_errors=True)  # a simulated run's ledgers start empty
+    if resume is None:
+        shutil.rmtree(audit_dir, ignore_errors=True)
     if study.secure.enabled:  # structural SecAgg+ checks need no data: fail before Flower starts
         from server.secure_aggregation import derive_params
 
@@ -130,8 +143,8 @@ def simulate(
         if watcher:
             watcher.start()
         run_simulation(
-            server_app=create_server_app(study, out, observe),
-            client_app=_load_client_app_factory()(str(study.path), str(ledger_dir)),
+            server_app=create_server_app(study, out, observe, resume=resume is not None),
+            client_app=_load_client_app_factory()(str(study.path), str(ledger_dir), str(audit_dir)),
             num_supernodes=len(study.sites),
             backend_config=backend,
             verbose_logging=verbose,

@@ -20,8 +20,11 @@ from flwr.server.strategy import (
     FedAdagrad,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
     FedYogi,
+    Krum,
     Strategy,
 )
 
@@ -29,7 +32,7 @@ from server.recorder import RunRecorder
 from shared.accounting import calibrate_noise
 from shared.config import StudyConfig
 from shared.errors import FedhelixError
-from shared.params import NDArrays
+from shared.params import NDArrays, l2_norm
 from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
 
 log = logging.getLogger("fedhelix.server")
@@ -40,6 +43,10 @@ BASES: dict[str, type[FedAvg]] = {
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedadagrad": FedAdagrad,
+    # Robust aggregation (secure aggregation off only: they need every site's own update).
+    "median": FedMedian,
+    "trimmed_mean": FedTrimmedAvg,
+    "krum": Krum,
 }
 
 
@@ -47,8 +54,12 @@ class StudyAborted(FedhelixError):
     """The study cannot continue (too few sites, nothing valid to aggregate)."""
 
 
-def check_delta(delta: NDArrays, reference: NDArrays) -> str | None:
-    """Why an update must be rejected, or ``None`` when it is usable."""
+def check_delta(delta: NDArrays, reference: NDArrays, max_norm: float | None = None) -> str | None:
+    """Why an update must be rejected, or ``None`` when it is usable.
+
+    ``max_norm`` bounds the L2 norm of one site's update; it is only meaningful
+    where the server sees individual updates (secure aggregation off).
+    """
     if len(delta) != len(reference):
         return f"wrong number of tensors ({len(delta)}, expected {len(reference)})"
     for i, (d, r) in enumerate(zip(delta, reference)):
@@ -61,6 +72,10 @@ def check_delta(delta: NDArrays, reference: NDArrays) -> str | None:
         with np.errstate(over="ignore", invalid="ignore"):
             if not np.isfinite((r + d).astype(r.dtype)).all():
                 return f"tensor {i} overflows {r.dtype} when added to the global model"
+    if max_norm is not None:
+        norm = l2_norm(delta)
+        if norm > max_norm:
+            return f"L2 norm {norm:.4g} exceeds the study's max_update_norm {max_norm:g}"
     return None
 
 
@@ -69,6 +84,7 @@ class DeltaAggregationMixin:
 
     recorder: RunRecorder
     required_sites: int
+    max_update_norm: float | None = None
     _global: NDArrays
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):  # noqa: D102
@@ -82,7 +98,7 @@ class DeltaAggregationMixin:
         for proxy, res in results:
             site = str(res.metrics.get("site", self.recorder.site_name(proxy.node_id)))
             delta = parameters_to_ndarrays(res.parameters)
-            problem = check_delta(delta, self._global)
+            problem = check_delta(delta, self._global, self.max_update_norm)
             if problem is not None:
                 rejected[site] = f"update rejected: {problem}"
                 log.warning("round %d: rejected update from site '%s': %s", server_round, site, problem)
@@ -98,6 +114,9 @@ class DeltaAggregationMixin:
                 f"round {server_round}: only {len(accepted)} of the {self.required_sites} required sites "
                 f"sent a usable update ({detail})"
             )
+        # A fixed order (the sites' names) makes floating-point sums independent of who answered first,
+        # so a resumed study reproduces an uninterrupted one bit for bit.
+        accepted.sort(key=lambda pair: str(pair[1].metrics.get("site", pair[0].node_id)))
         return super().aggregate_fit(server_round, accepted, failures)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, results, failures):  # noqa: D102
@@ -143,9 +162,10 @@ def build_strategy(study: StudyConfig, plan: TrainingPlan, initial: NDArrays, re
     kwargs: dict[str, Any] = dict(
         fraction_fit=1.0,
         fraction_evaluate=1.0,
-        min_fit_clients=n_sites,
-        min_evaluate_clients=n_sites,
-        min_available_clients=n_sites,
+        # A round starts once the required sites are connected (a dead node must not stall the study).
+        min_fit_clients=study.required_sites,
+        min_evaluate_clients=study.required_sites,
+        min_available_clients=study.required_sites,
         on_fit_config_fn=round_config,
         on_evaluate_config_fn=round_config,
         initial_parameters=ndarrays_to_parameters(initial),
@@ -155,9 +175,14 @@ def build_strategy(study: StudyConfig, plan: TrainingPlan, initial: NDArrays, re
         kwargs["proximal_mu"] = study.proximal_mu
     if study.strategy in ("fedadam", "fedyogi", "fedadagrad"):
         kwargs.update(eta=study.server_learning_rate, eta_l=study.learning_rate)
+    if study.strategy == "trimmed_mean":
+        kwargs["beta"] = study.robustness.trim_fraction
+    if study.strategy == "krum":
+        kwargs["num_malicious_clients"] = study.robustness.byzantine_sites
     strategy = cls(**kwargs)
     strategy.recorder = recorder
     strategy.required_sites = study.required_sites
+    strategy.max_update_norm = None if study.secure.enabled else study.robustness.max_update_norm
     if study.privacy.dp and study.privacy.level == "site":
         sigma = site_level_noise(study)
         log.info("site-level DP: clipping norm %g, noise multiplier %.3f for epsilon %g over %d rounds", study.privacy.site_clipping_norm, sigma, study.privacy.target_epsilon, study.rounds)

@@ -19,7 +19,9 @@ TASKS = ("binary", "regression", "survival")
 MODELS = ("logistic", "mlp", "cox", "hazard")
 ACCOUNTANTS = ("rdp", "prv")
 DP_LEVELS = ("record", "site")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum")
+# Strategies that need every site's individual update, which secure aggregation hides from the server.
+ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum")
 OPTIMIZERS = ("sgd", "adam")
 MISSING = ("drop", "mean", "none")
 NORMALIZE = ("site", "federated", "none")
@@ -69,6 +71,15 @@ class SecureAggregationConfig:
 
 
 @dataclass(frozen=True)
+class RobustnessConfig:
+    """Server-side defences that need individual updates (secure aggregation off)."""
+
+    max_update_norm: float | None = None  # L2 bound on a site's delta; larger updates are rejected
+    trim_fraction: float = 0.2  # trimmed_mean: fraction cut at each end, per coordinate
+    byzantine_sites: int = 0  # krum: number of sites assumed malicious
+
+
+@dataclass(frozen=True)
 class SitePrivacy:
     """The site's own privacy governance: its ledger and the budget it must never exceed."""
 
@@ -104,10 +115,12 @@ class StudyConfig:
     sites: tuple[SiteRef, ...]
     optimizer: str = "sgd"
     min_sites: int = 0  # 0 = every listed site must answer each round
+    round_timeout_s: float | None = None  # a site that has not answered by then is dropped from the round
     model_options: ModelOptions = field(default_factory=ModelOptions)
     categories: dict[str, tuple[str, ...]] = field(default_factory=dict)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     secure: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     path: Path | None = None
 
     @property
@@ -207,6 +220,8 @@ class _Section:
 
     def positive(self, key: str, kind: type, default: Any = ...) -> Any:
         value = self.get(key, kind, default)
+        if value is None and default is None:
+            return None
         if not value > 0:  # also rejects NaN
             raise self._err(key, f"must be > 0, got {value}")
         return value
@@ -238,7 +253,7 @@ def _unknown_tables(doc: dict[str, Any], allowed: set[str], source: str) -> None
 
 def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | None = None) -> StudyConfig:
     """Validate a parsed study document; relative site paths resolve against ``base_dir``."""
-    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation"}, source)
+    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation", "robustness"}, source)
     if "study" not in doc:
         raise ConfigError(f"{source}: the [study] section is missing")
     s = _Section(doc.get("study"), "study", source)
@@ -263,6 +278,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         seed=s.get("seed", int, 42),
         optimizer=s.get("optimizer", str, "sgd", choices=OPTIMIZERS),
         min_sites=s.get("min_sites", int, 0),
+        round_timeout_s=s.positive("round_timeout_s", float, None),
     )
     secure_enabled = s.get("secure_aggregation", bool, True)
     if study["proximal_mu"] < 0:
@@ -330,6 +346,29 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
             'use model = "hazard" (discrete-time logistic hazard, a sum of per-patient terms)'
         )
 
+    r = _Section(doc.get("robustness", {}), "robustness", source)
+    robustness = RobustnessConfig(
+        max_update_norm=r.positive("max_update_norm", float, None),
+        trim_fraction=r.get("trim_fraction", float, 0.2),
+        byzantine_sites=r.get("byzantine_sites", int, 0),
+    )
+    r.done()
+    if not 0.0 <= robustness.trim_fraction < 0.5:
+        raise ConfigError(f"{source}: [robustness] trim_fraction must be in [0, 0.5), got {robustness.trim_fraction}")
+    if robustness.byzantine_sites < 0:
+        raise ConfigError(f"{source}: [robustness] byzantine_sites must be >= 0")
+    if secure_enabled and study["strategy"] in ROBUST_STRATEGIES:
+        raise ConfigError(
+            f"{source}: strategy \"{study['strategy']}\" cannot run with secure aggregation: under SecAgg+ the server "
+            "only ever sees the sum of the sites' updates, never one site's update, so it cannot take a median, trim "
+            "or compare updates; set [study] secure_aggregation = false or use a mean-based strategy"
+        )
+    if secure_enabled and robustness.max_update_norm is not None:
+        raise ConfigError(
+            f"{source}: [robustness] max_update_norm needs secure aggregation off (the server cannot see one site's "
+            "norm under SecAgg+); with secure aggregation each site clips its own update to [secure_aggregation] update_bound"
+        )
+
     d = _Section(doc.get("data", {}), "data", source)
     raw_categories = d.get("categories", dict, {})
     d.done()
@@ -364,6 +403,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         categories=categories,
         privacy=privacy,
         secure=secure,
+        robustness=robustness,
     )
 
 

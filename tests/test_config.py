@@ -286,3 +286,44 @@ def test_secure_aggregation_update_bound_is_derived_from_the_study(extra: dict, 
     }
     doc.update({k: v for k, v in extra.items() if k != "study"})
     assert parse_study(doc).update_bound == pytest.approx(expected)
+
+
+# ----------------------------------------------------------------------------- robustness (issue 7)
+
+
+def _robust_doc(strategy: str, secure: bool, **robustness) -> dict:
+    doc = {"study": {"name": "r", "task": "binary", "model": "logistic", "strategy": strategy, "secure_aggregation": secure}, "sites": [{"name": "a", "config": "a.toml"}]}
+    if robustness:
+        doc["robustness"] = robustness
+    return doc
+
+
+@pytest.mark.parametrize("strategy", ["median", "trimmed_mean", "krum"])
+def test_robust_strategies_are_refused_with_secure_aggregation_in_one_line(strategy: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_study(_robust_doc(strategy, True))
+    message = info.value.line
+    assert strategy in message and "only ever sees the sum" in message and "secure_aggregation = false" in message
+    assert parse_study(_robust_doc(strategy, False)).strategy == strategy
+
+
+def test_norm_bound_needs_secure_aggregation_off() -> None:
+    with pytest.raises(ConfigError, match="max_update_norm needs secure aggregation off"):
+        parse_study(_robust_doc("fedavg", True, max_update_norm=5.0))
+    assert parse_study(_robust_doc("fedavg", False, max_update_norm=5.0)).robustness.max_update_norm == 5.0
+
+
+@pytest.mark.parametrize("table, match", [({"trim_fraction": 0.5}, "trim_fraction"), ({"byzantine_sites": -1}, "byzantine_sites"), ({"max_update_norm": 0}, "max_update_norm"), ({"typo": 1}, "unknown key")])
+def test_bad_robustness_settings_are_named(table: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        parse_study(_robust_doc("fedavg", False, **table))
+
+
+def test_round_timeout_is_positive_or_absent() -> None:
+    doc = _robust_doc("fedavg", False)
+    assert parse_study(doc).round_timeout_s is None
+    doc["study"]["round_timeout_s"] = 30
+    assert parse_study(doc).round_timeout_s == 30.0
+    doc["study"]["round_timeout_s"] = -1
+    with pytest.raises(ConfigError, match="round_timeout_s"):
+        parse_study(doc)

@@ -344,3 +344,79 @@ def test_update_that_overflows_the_global_dtype_is_rejected(tmp_path: Path) -> N
     got = parameters_to_ndarrays(strategy.aggregate_fit(1, [(p, fit_res(d, 10, s)) for p, d, s in zip(proxies, deltas, SITES)], [])[0])
     assert [f["site"] for f in recorder.failures] == ["alpha"]
     assert all(g.dtype == np.float32 and np.isfinite(g).all() for g in got)
+
+
+# ----------------------------------------------------------------------------- robustness
+
+
+def test_update_above_the_norm_bound_is_rejected_and_the_rest_aggregated(tmp_path: Path) -> None:
+    study_cfg = parse_study(
+        {
+            "study": {"name": "unit", "task": "binary", "model": "logistic", "rounds": 3, "seed": 7, "min_sites": 2, "secure_aggregation": False},
+            "robustness": {"max_update_norm": 1.0},
+            "sites": [{"name": name, "config": f"sites/{name}.toml"} for name in SITES],
+        },
+        base_dir=tmp_path,
+    )
+    plan = TrainingPlan.from_study(study_cfg, ["a", "b", "c", "d"])
+    recorder = RunRecorder(tmp_path / "run", "binary")
+    strategy = build_strategy(study_cfg, plan, initial_weights(), recorder)
+    manager = SimpleClientManager()
+    proxies = [Proxy(100 + i) for i in range(3)]
+    for p in proxies:
+        manager.register(p)
+    glob = initial_weights()
+    configure(strategy, manager, 1, glob)
+    deltas = make_deltas()
+    deltas[2] = [d * 1000 for d in deltas[2]]
+    got = parameters_to_ndarrays(strategy.aggregate_fit(1, [(p, fit_res(d, 10, s)) for p, d, s in zip(proxies, deltas, SITES)], [])[0])
+    np.testing.assert_allclose(got[0], glob[0] + 0.5 * (deltas[0][0] + deltas[1][0]), atol=1e-6)
+    assert [(f["site"], f["kind"]) for f in recorder.failures] == [("gamma", "rejected")]
+    assert "exceeds the study's max_update_norm 1" in recorder.failures[0]["reason"]
+
+
+def test_norm_bound_is_not_applied_to_the_secure_aggregate(tmp_path: Path) -> None:
+    study_cfg = make_study(tmp_path)  # secure aggregation on: the server sees only the sum
+    assert build_strategy(study_cfg, TrainingPlan.from_study(study_cfg), initial_weights(), RunRecorder(tmp_path / "r", "binary")).max_update_norm is None
+
+
+def robust(tmp_path: Path, strategy: str, **robustness):
+    doc = {
+        "study": {"name": "unit", "task": "binary", "model": "logistic", "rounds": 3, "seed": 7, "strategy": strategy, "secure_aggregation": False},
+        "robustness": robustness,
+        "sites": [{"name": f"s{i}", "config": f"s{i}.toml"} for i in range(5)],
+    }
+    cfg = parse_study(doc, base_dir=tmp_path)
+    strategy_obj = build_strategy(cfg, TrainingPlan.from_study(cfg), initial_weights(), RunRecorder(tmp_path / strategy, "binary"))
+    manager = SimpleClientManager()
+    proxies = [Proxy(200 + i) for i in range(5)]
+    for p in proxies:
+        manager.register(p)
+    glob = initial_weights()
+    configure(strategy_obj, manager, 1, glob)
+    rng = np.random.default_rng(3)
+    honest = [[(0.1 + 0.01 * rng.normal(size=w.shape)).astype(np.float32) for w in glob] for _ in range(4)]
+    attacker = [np.full_like(w, 50.0) for w in glob]  # finite, so only the aggregation rule can stop it
+    deltas = [*honest, attacker]
+    results = [(p, fit_res(d, 10 * (i + 1), f"s{i}")) for i, (p, d) in enumerate(zip(proxies, deltas))]
+    return glob, deltas, parameters_to_ndarrays(strategy_obj.aggregate_fit(1, results, [])[0])
+
+
+def test_median_is_the_coordinate_wise_median_of_the_sites_models(tmp_path: Path) -> None:
+    glob, deltas, got = robust(tmp_path, "median")
+    for i, g in enumerate(glob):
+        np.testing.assert_allclose(got[i], np.median([g + d[i] for d in deltas], axis=0), atol=1e-6)
+        assert np.abs(got[i] - g).max() < 0.2  # the attacker's 50 did not move it
+
+
+def test_trimmed_mean_cuts_the_extremes(tmp_path: Path) -> None:
+    glob, deltas, got = robust(tmp_path, "trimmed_mean", trim_fraction=0.2)
+    for i, g in enumerate(glob):
+        models = np.sort(np.stack([g + d[i] for d in deltas]), axis=0)
+        np.testing.assert_allclose(got[i], models[1:4].mean(axis=0), atol=1e-6)
+
+
+def test_krum_picks_an_honest_site(tmp_path: Path) -> None:
+    glob, deltas, got = robust(tmp_path, "krum", byzantine_sites=1)
+    chosen = [j for j in range(4) if all(np.allclose(got[i], glob[i] + deltas[j][i], atol=1e-6) for i in range(len(glob)))]
+    assert len(chosen) == 1
