@@ -7,15 +7,8 @@ import sys
 import typer
 from rich.console import Console
 
-from client.cli import (
-    approve_command,
-    check_site_command,
-    ledger_show_command,
-    node_command,
-)
+from client.cli import approve_command, audit_verify_command, check_site_command, ledger_show_command, node_command
 from server.cli import provision_command, run_command, server_command, simulate_command
-from client.cli import audit_verify_command, check_site_command, ledger_show_command
-from server.cli import simulate_command
 from shared.errors import FedhelixError
 
 app = typer.Typer(
