@@ -69,7 +69,8 @@ def partition_command(
 
         raise ConfigError(f"--task must be binary, multitask or regression, got '{task}'")
     result = partition(csv, by, sites, out, labels=label, task=task, smiles=smiles, seed=seed, alpha=alpha, name=name)
-    table = Table(title=f"{csv.name} -> {len(result.sites)} companies by {by} ({result.task}; label {', '.join(result.labels[:3])}{', ...' if len(result.labels) > 3 else ''})")
+    console.print(f"{csv.name} -> {len(result.sites)} companies by {by}; task {result.task}, label(s) {', '.join(result.labels[:3])}{', ...' if len(result.labels) > 3 else ''}")
+    table = Table()
     table.add_column("site")
     table.add_column("molecules", justify="right")
     for site, n in result.sites.items():
