@@ -214,14 +214,14 @@ def partition(
             encoding="utf-8",
         )
         sites[site] = len(part)
-    regression = task == "regression"
     study = out / "study.toml"
     study.write_text(
         f"# Study written by `fedhelix partition {csv.name} --by {by} --sites {n_sites}`: a GNN over {n_sites} simulated companies.\n"
         "# Run it with `fedhelix simulate` on this file; edit freely (see docs/study-and-site-files.md).\n"
         f"[study]\nname = {_toml_str(study_name)}\ntask = \"{task}\"\nmodel = \"gnn\"\nstrategy = \"fedavg\"\n"
-        f"rounds = 20\nlocal_steps = 40\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = {0.005 if regression else 0.002}\nseed = 42\n\n"
-        "[model]\nlayers = 3\nhidden = 64\nconv = \"graphconv\"\npooling = \"mean\"\n\n"
+        + ("secure_aggregation = false  # SecAgg+ needs at least 3 sites\n" if n_sites < 3 else "")
+        + f"rounds = 20\nlocal_steps = 40\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.002\nseed = 42\n\n"
+        "[model]\nlayers = 3\nhidden = 64\nconv = \"graphconv\"\npooling = \"add\"\n\n"
         + "".join(f"[[sites]]\nname = \"{site}\"\nconfig = \"{site}.toml\"\n\n" for site in sites),
         encoding="utf-8",
     )
