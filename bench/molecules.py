@@ -53,10 +53,10 @@ def pooled(study):
     )
 
 
-def federated(study, data) -> float:
-    with tempfile.TemporaryDirectory() as out:
-        report = simulate(study, out, progress=False)
-        saved = torch.load(Path(out) / "model.pt", weights_only=False)
+def federated(study, data) -> dict:
+    out = Path(tempfile.mkdtemp(prefix=f"fedhelix-bench-{study.name}-"))  # kept: flower.log explains a failure
+    report = simulate(study, out, progress=False)
+    saved = torch.load(out / "model.pt", weights_only=False)
     plan = TrainingPlan.from_json(saved["plan"])
     model = build_model(plan.model, plan.task, len(ATOM_FEATURES), plan.model_options)
     model.load_state_dict(saved["state_dict"])
