@@ -27,6 +27,7 @@ from client.privacy.ledger import LedgerEntry
 from client.site_data import load_for_plan, resolve_site
 from client.trainer import evaluate, train
 from shared.config import SiteConfig
+from shared.contract import SiteData
 from shared.errors import ConfigError, DataContractError
 from shared.models import build_model
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
@@ -53,7 +54,7 @@ class SiteClient(NumPyClient):
     def _setup(self, config: dict, parameters: NDArrays | None = None):
         plan = TrainingPlan.from_json(str(config[PLAN_KEY]))
         data = load_for_plan(self.site, plan)
-        model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options)
+        model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options, n_outputs=len(getattr(data, "labels", ())) or 1)
         if parameters is not None:
             set_weights(model, parameters)
         return plan, data, model
@@ -69,7 +70,8 @@ class SiteClient(NumPyClient):
             "warnings": json.dumps(list(data.warnings)),
             "normalize": self.site.data.normalize,
             # which features are 0/1 here (a pooled scaler leaves features that are 0/1 everywhere alone)
-            "indicators": json.dumps(is_indicator(data.x_train).tolist()),
+            "indicators": json.dumps(is_indicator(data.x_train).tolist() if isinstance(data, SiteData) else []),
+            "labels": json.dumps(list(getattr(data, "labels", (self.site.data.label,)))),
         }
         self.audit.append(study=plan.study, server_round=0, kind="handshake", metrics=props)
         return props

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context
 
-from shared.config import SiteConfig, load_site, load_site_ref, load_study
+from shared.config import SiteConfig, check_format, load_site, load_site_ref, load_study
 from shared.contract import SiteData, load_site_data
 from shared.errors import ConfigError
 from shared.preprocess import Standardizer
@@ -35,6 +35,7 @@ def resolve_site(context: Context, study_path: str | None = None) -> SiteConfig:
 
 def load_for_plan(site: SiteConfig, plan: TrainingPlan) -> SiteData:
     """Site data encoded the way the plan says (agreed categories, feature order, pooled scaling)."""
+    check_format(site, plan.model)
     mtime = Path(site.data.path).stat().st_mtime_ns if Path(site.data.path).exists() else 0
     pooled = json.dumps(plan.normalization, sort_keys=True) if plan.normalization else ""
     return _cached(site, mtime, plan.task, json.dumps(plan.categories, sort_keys=True), tuple(plan.features), pooled)

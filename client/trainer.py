@@ -62,6 +62,10 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
     from (study seed, site, round), so a rerun of a study is reproducible.
     With ``dp``, each step is a DP-SGD step on a Poisson-sampled batch.
     """
+    if not isinstance(data, SiteData):  # molecules: graphs, per-molecule DP
+        from client.graph_trainer import train_graphs
+
+        return train_graphs(model, data, plan, server_round, dp)
     torch.manual_seed(derived_seed(plan.seed, data.site, server_round, "init"))
     generator = torch.Generator().manual_seed(derived_seed(plan.seed, data.site, server_round))
     x = torch.from_numpy(data.x_train)
@@ -112,6 +116,10 @@ def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SiteData, plan: TrainingPlan, split: str = "test") -> tuple[float, dict[str, float | None]]:
     """Loss and task metrics of ``model`` on the site's ``split``."""
+    if not isinstance(data, SiteData):
+        from client.graph_trainer import evaluate_graphs
+
+        return evaluate_graphs(model, data, plan, split)
     task = plan.task
     x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
     model.eval()

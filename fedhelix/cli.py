@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from client.cli import approve_command, audit_verify_command, check_site_command, ledger_show_command, node_command
-from server.cli import provision_command, run_command, server_command, simulate_command
+from server.cli import partition_command, provision_command, run_command, server_command, simulate_command
 from shared.errors import FedhelixError
 
 app = typer.Typer(
@@ -24,6 +24,11 @@ app.command(
     help="Researchers: run a study as a simulated federation on this machine. STUDY is the study file "
     "(TOML); without it the bundled TCGA-BRCA survival study (6 regions) runs.",
 )(simulate_command)
+app.command(
+    "partition",
+    help="Researchers: split the molecule table CSV into simulated companies (--by scaffold|random|dirichlet) "
+    "and write company CSVs, site files and a ready-to-run study.toml into --out.",
+)(partition_command)
 app.command(
     "check-site",
     help="Hospital IT: check the data described by the site file SITE against the contract, offline; nothing is sent.",

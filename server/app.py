@@ -72,8 +72,10 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         sites = handshake(tapped, study, plan)
         recorder.set_sites(sites)
         features = sites[0].features
-        plan = TrainingPlan.from_study(study, features)
-        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed)
+        labels = sites[0].labels
+        plan = TrainingPlan.from_study(study, features, labels)
+        n_outputs = len(labels) if study.task == "multitask" else 1
+        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs)
         params = None
         if study.secure.enabled:
             site_level = study.privacy.dp and study.privacy.level == "site"  # sites send weight 1
@@ -94,7 +96,7 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         set_weights(model, weights)
         final_model = model
         torch.save(
-            {"state_dict": model.state_dict(), "features": features, "plan": plan.to_json(), "study": study.name},
+            {"state_dict": model.state_dict(), "features": features, "labels": labels, "plan": plan.to_json(), "study": study.name},
             out_dir / "model.pt",
         )
         if len(recorder.rounds) < study.rounds:

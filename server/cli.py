@@ -39,7 +39,7 @@ def print_summary(report: dict) -> None:
     """The final per-site table in the terminal."""
     task = report["study"]["task"]
     primary = report["primary_metric"]
-    metrics = {"binary": ["roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity"], "regression": ["rmse", "mae", "pearson_r"], "survival": ["c_index"]}[task]
+    metrics = {"binary": ["roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity"], "regression": ["rmse", "mae", "pearson_r"], "survival": ["c_index"], "multitask": ["roc_auc", "pr_auc"]}[task]
     short = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "c_index": "C-index", "rmse": "RMSE", "mae": "MAE", "pearson_r": "r"}
     table = Table(title=f"{report['study']['name']}: final global model on each site's test split")
     table.add_column("site", no_wrap=True)
@@ -126,3 +126,33 @@ def run_command(
     if report.get("status") != "completed":
         raise FedhelixError(f"study '{report['study']['name']}' {report.get('status')}: {report.get('error') or 'see report.html'}")
     print_summary(report)
+def partition_command(
+    csv: Annotated[Path, typer.Argument(help="Molecule table (CSV) with a SMILES column and label column(s).")],
+    by: Annotated[str, typer.Option("--by", help="scaffold (Bemis-Murcko groups kept whole), random, or dirichlet (label skew).")] = "scaffold",
+    sites: Annotated[int, typer.Option("--sites", "-n", help="Number of simulated companies.")] = 4,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the company CSVs, site files and study.toml.")] = Path("partition"),
+    label: Annotated[Optional[list[str]], typer.Option("--label", help="Label column (repeat for multitask). Default: inferred.")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="binary, multitask or regression. Default: inferred from the labels.")] = None,
+    smiles: Annotated[Optional[str], typer.Option("--smiles", help="SMILES column. Default: the column named 'smiles'.")] = None,
+    alpha: Annotated[float, typer.Option("--alpha", help="Dirichlet concentration for --by dirichlet (smaller = more skew).")] = 0.5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the split.")] = 0,
+    name: Annotated[Optional[str], typer.Option("--name", help="Study name. Default: the --out directory's name.")] = None,
+) -> None:
+    """Split a molecule table into simulated companies and write a ready-to-run study."""
+    from server.partition import partition
+
+    if task is not None and task not in ("binary", "multitask", "regression"):
+        from shared.errors import ConfigError
+
+        raise ConfigError(f"--task must be binary, multitask or regression, got '{task}'")
+    result = partition(csv, by, sites, out, labels=label, task=task, smiles=smiles, seed=seed, alpha=alpha, name=name)
+    console.print(f"{csv.name} -> {len(result.sites)} companies by {by}; task {result.task}, label(s) {', '.join(result.labels[:3])}{', ...' if len(result.labels) > 3 else ''}")
+    table = Table()
+    table.add_column("site")
+    table.add_column("molecules", justify="right")
+    for site, n in result.sites.items():
+        table.add_row(site, str(n))
+    console.print(table)
+    if result.invalid:
+        console.print(f"{result.invalid} SMILES could not be parsed; they stay in the CSVs and the site files skip them (invalid_smiles = \"skip\").")
+    console.print(f"Study: [bold]{result.study}[/]  run it with: fedhelix simulate {result.study}")

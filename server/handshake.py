@@ -63,6 +63,7 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
                 warnings=json.loads(str(props.get("warnings", "[]"))),
                 normalize=str(props.get("normalize", "site")),
                 indicators=json.loads(str(props.get("indicators", "[]"))),
+                labels=json.loads(str(props.get("labels", "[]"))),
             )
         )
     silent = len(nodes) - len(sites) - len(problems)
@@ -90,6 +91,9 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
                 f"site '{site.name}' and site '{reference.name}' disagree on features "
                 f"(only at '{site.name}': {only_here}; only at '{reference.name}': {only_there})"
             )
+    for site in sites[1:]:
+        if site.labels != reference.labels:  # one model output per label: same tasks, same order
+            raise StudyAborted(f"site '{site.name}' and site '{reference.name}' disagree on label columns ({site.labels} vs {reference.labels})")
     for site in sites:
         log.info("site '%s': %d train / %d test examples, %d features", site.name, site.n_train, site.n_test, len(site.features))
         for warning in site.warnings:

@@ -36,6 +36,7 @@ class SiteInfo:
     order: int = 0  # position in the study's list of sites
     normalize: str = "site"
     indicators: list[bool] = field(default_factory=list)  # per feature, in the agreed order
+    labels: list[str] = field(default_factory=list)  # label columns (the tasks of a multitask study)
 
 
 def summarise(per_site: dict[str, dict[str, Any]], weights: dict[str, int]) -> dict[str, dict[str, float]]:

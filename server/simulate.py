@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.config import StudyConfig, load_site_ref, load_study
+from shared.config import StudyConfig, check_format, load_site_ref, load_study
 from shared.contract import load_site_data
 from shared.errors import FedhelixError
 from shared.flower_env import apply_flower_env
@@ -32,8 +32,10 @@ def preflight(study: StudyConfig) -> list[str]:
     lines = []
     for ref in study.sites:
         site = load_site_ref(ref, study.path)
+        check_format(site, study.model)
         data = load_site_data(site, study.task, study.categories)
-        lines.append(f"{site.name}: {data.n_train} train / {data.n_test} test, {len(data.feature_names)} features")
+        what = f"{len(data.feature_names)} features" if site.data.format == "table" else f"molecules, {len(site.data.labels)} label(s)"
+        lines.append(f"{site.name}: {data.n_train} train / {data.n_test} test, {what}")
     return lines
 
 

@@ -15,8 +15,8 @@ from typing import Any
 
 from shared.errors import ConfigError
 
-TASKS = ("binary", "regression", "survival")
-MODELS = ("logistic", "mlp", "cox", "hazard")
+TASKS = ("binary", "regression", "survival", "multitask")
+MODELS = ("logistic", "mlp", "cox", "hazard", "gnn")
 ACCOUNTANTS = ("rdp", "prv")
 DP_LEVELS = ("record", "site")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "median", "trimmed_mean", "krum")
@@ -25,12 +25,19 @@ ROBUST_STRATEGIES = ("median", "trimmed_mean", "krum")
 OPTIMIZERS = ("sgd", "adam")
 MISSING = ("drop", "mean", "none")
 NORMALIZE = ("site", "federated", "none")
+FORMATS = ("table", "smiles")  # smiles: one molecule per row, featurised into a graph at the site
+INVALID_SMILES = ("error", "skip")
+CONVS = ("graphconv", "gin")
+POOLINGS = ("mean", "add")
 # Which model names make sense for which task.
 MODELS_FOR_TASK = {
-    "binary": ("logistic", "mlp"),
-    "regression": ("mlp",),
+    "binary": ("logistic", "mlp", "gnn"),
+    "regression": ("mlp", "gnn"),
     "survival": ("cox", "mlp", "hazard"),
+    "multitask": ("gnn",),
 }
+# Models that read molecular graphs (site data with format = "smiles").
+GRAPH_MODELS = ("gnn",)
 # Survival models whose loss is a sum of per-patient terms, so per-sample clipping bounds
 # one patient's influence. The Cox partial likelihood couples a batch through the risk set.
 DP_SURVIVAL_MODELS = ("hazard",)
@@ -43,6 +50,12 @@ class ModelOptions:
     hidden: tuple[int, ...] = (64, 32)
     dropout: float = 0.0
     time_bins: tuple[float, ...] = ()  # cut points of the discrete-time hazard model
+    # Graph neural network (model = "gnn"): message-passing layers of width hidden[0]
+    # (or one width per layer), then a graph-level pooling and one linear output per task.
+    layers: int = 3
+    conv: str = "graphconv"
+    pooling: str = "mean"
+    max_atoms: int = 128  # public cap on molecule size for per-molecule DP (dense padded graphs)
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,10 @@ class DataSpec:
     path: Path
     label: str
     time: str | None = None
+    labels: tuple[str, ...] = ()  # every label column (several for task = "multitask"); label is the first
+    format: str = "table"
+    smiles: str = "smiles"  # format = "smiles": the column holding one SMILES string per molecule
+    invalid_smiles: str = "error"  # a SMILES RDKit cannot parse: stop ("error") or skip the row, counted
     features: tuple[str, ...] = ()
     categorical: tuple[str, ...] = ()
     drop: tuple[str, ...] = ()
@@ -286,7 +303,8 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
     s.done()
 
     m = _Section(doc.get("model", {}), "model", source)
-    hidden = m.get("hidden", list, [64, 32])
+    hidden = m.get("hidden", (list, int), [64] if model == "gnn" else [64, 32])
+    hidden = [hidden] if isinstance(hidden, int) else hidden
     if not hidden or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in hidden):
         raise ConfigError(f"{source}: [model] hidden must be a non-empty list of positive integers")
     dropout = m.get("dropout", float, 0.0)
@@ -295,7 +313,13 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
     bins = m.get("time_bins", list, [])
     if not all(isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0 for b in bins) or sorted(set(bins)) != bins:
         raise ConfigError(f"{source}: [model] time_bins must be increasing positive cut points (e.g. days)")
+    layers = m.positive("layers", int, 3)
+    conv = m.get("conv", str, "graphconv", choices=CONVS)
+    pooling = m.get("pooling", str, "mean", choices=POOLINGS)
+    max_atoms = m.positive("max_atoms", int, 128)
     m.done()
+    if model == "gnn" and len(hidden) not in (1, layers):
+        raise ConfigError(f"{source}: [model] hidden for model 'gnn' is one width or one width per layer ({layers} layers), got {hidden}")
     if model == "hazard" and not bins:
         raise ConfigError(f"{source}: model 'hazard' needs [model] time_bins, the cut points of its time intervals (e.g. [365, 730, 1825])")
 
@@ -399,7 +423,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
     return StudyConfig(
         **study,
         sites=tuple(sites),
-        model_options=ModelOptions(tuple(hidden), dropout, tuple(float(b) for b in bins)),
+        model_options=ModelOptions(tuple(hidden), dropout, tuple(float(b) for b in bins), layers, conv, pooling, max_atoms),
         categories=categories,
         privacy=privacy,
         secure=secure,
@@ -431,9 +455,17 @@ def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None 
     data_path = Path(d.get("path", str))
     if base_dir is not None and not data_path.is_absolute():
         data_path = (base_dir / data_path).resolve()
+    raw_label = d.get("label", (str, list))
+    labels = (raw_label,) if isinstance(raw_label, str) else tuple(raw_label)
+    if not labels or not all(isinstance(v, str) and v for v in labels) or len(set(labels)) != len(labels):
+        raise ConfigError(f"{source}: [data] label must be a column name or a list of distinct column names")
     spec = DataSpec(
         path=data_path,
-        label=d.get("label", str),
+        label=labels[0],
+        labels=labels,
+        format=d.get("format", str, "table", choices=FORMATS),
+        smiles=d.get("smiles", str, "smiles"),
+        invalid_smiles=d.get("invalid_smiles", str, "error", choices=INVALID_SMILES),
         time=d.get("time", str, None),
         features=d.strings("features"),
         categorical=d.strings("categorical"),
@@ -478,3 +510,12 @@ def load_site_ref(ref: SiteRef, study_path: Path | None = None) -> SiteConfig:
     if site.name != ref.name:
         raise ConfigError(f"{study_path or 'study'}: site '{ref.name}' points at {ref.config}, whose [site] name is '{site.name}'")
     return site
+
+
+def check_format(site: SiteConfig, model: str) -> None:
+    """Graph models read SMILES sites and only they do: say so before loading anything."""
+    graph_model = model in GRAPH_MODELS
+    if graph_model and site.data.format != "smiles":
+        raise ConfigError(f"site '{site.name}': the study's model '{model}' reads molecules; set [data] format = \"smiles\" in {site.path}")
+    if not graph_model and site.data.format == "smiles":
+        raise ConfigError(f"site '{site.name}': {site.path} holds molecules (format = \"smiles\"), which only model = \"gnn\" can learn from")

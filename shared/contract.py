@@ -102,6 +102,12 @@ def load_site_data(
     categories = categories or {}
     source = str(spec.path)
     frame = read_table(site)
+    if spec.format == "smiles":  # molecules become graphs (RDKit/PyG imported only for them)
+        from shared.molecule_data import load_molecule_data
+
+        return load_molecule_data(site, task, frame)  # type: ignore[return-value]
+    if len(spec.labels) > 1:
+        raise site_error(site.name, source, None, f"{len(spec.labels)} label columns in a table site", 'give one label; several labels need format = "smiles" and task = "multitask"')
 
     def err(column: str | None, problem: str, fix: str):
         return site_error(site.name, source, column, problem, fix)

@@ -15,7 +15,7 @@ from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
 # The one number each task is judged by, and whether higher is better.
-PRIMARY = {"binary": ("roc_auc", True), "regression": ("rmse", False), "survival": ("c_index", True)}
+PRIMARY = {"binary": ("roc_auc", True), "regression": ("rmse", False), "survival": ("c_index", True), "multitask": ("roc_auc", True)}
 
 
 def binary_metrics(y_true: np.ndarray, prob: np.ndarray, threshold: float = 0.5) -> dict[str, float | None]:
@@ -55,6 +55,33 @@ def survival_metrics(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> d
     return {"c_index": float(concordance_index(time, -risk, event))}
 
 
+def multitask_metrics(y_true: np.ndarray, prob: np.ndarray, names: list[str] | None = None) -> dict[str, float | None]:
+    """ROC AUC and PR AUC per task over its known labels (NaN = unknown), and their means.
+
+    The means run over the tasks where the metric is defined (both classes present),
+    as in MoleculeNet; ``tasks_scored`` says how many that was.
+    """
+    y_true, prob = np.asarray(y_true, dtype=float), np.asarray(prob, dtype=float)
+    names = names or [f"task{i}" for i in range(y_true.shape[1])]
+    out: dict[str, float | None] = {}
+    rocs, prs = [], []
+    for j, name in enumerate(names):
+        known = ~np.isnan(y_true[:, j])
+        y, p = y_true[known, j].astype(int), prob[known, j]
+        roc = pr = None
+        if len(np.unique(y)) == 2:
+            roc, pr = float(skm.roc_auc_score(y, p)), float(skm.average_precision_score(y, p))
+            rocs.append(roc)
+            prs.append(pr)
+        out[f"roc_auc[{name}]"], out[f"pr_auc[{name}]"] = roc, pr
+    return {
+        "roc_auc": float(np.mean(rocs)) if rocs else None,
+        "pr_auc": float(np.mean(prs)) if prs else None,
+        "tasks_scored": float(len(rocs)),
+        **out,
+    }
+
+
 def task_metrics(task: str, target: np.ndarray, score: np.ndarray) -> dict[str, float | None]:
     """Dispatch on the task; ``target`` is ``(time, event)`` columns for survival."""
     if task == "binary":
@@ -63,4 +90,6 @@ def task_metrics(task: str, target: np.ndarray, score: np.ndarray) -> dict[str, 
         return regression_metrics(target, score)
     if task == "survival":
         return survival_metrics(target[:, 0], target[:, 1], score)
+    if task == "multitask":
+        return multitask_metrics(target, score)
     raise ValueError(f"unknown task {task!r}")

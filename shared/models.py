@@ -65,11 +65,19 @@ class LogisticHazard(nn.Module):
         return self.intervals(self.score(x))
 
 
-def build_model(model: str, task: str, n_features: int, options: ModelOptions | None = None, seed: int | None = None) -> nn.Module:
-    """Create a freshly initialised model; a ``seed`` makes the initial weights reproducible."""
+def build_model(model: str, task: str, n_features: int, options: ModelOptions | None = None, seed: int | None = None, n_outputs: int = 1) -> nn.Module:
+    """Create a freshly initialised model; a ``seed`` makes the initial weights reproducible.
+
+    ``n_outputs`` is the number of tasks of a multi-task model (one per label column).
+    """
     options = options or ModelOptions()
     if seed is not None:
         torch.manual_seed(seed)
+    if model == "gnn":  # PyG imported only for molecule studies
+        from shared.gnn import MoleculeGNN
+
+        widths = options.hidden if len(options.hidden) == options.layers else options.hidden[:1] * options.layers
+        return MoleculeGNN(n_features, n_outputs, widths, options.conv, options.pooling)
     # A Cox model's intercept cancels out of the partial likelihood: leave it out.
     has_bias = task != "survival"
     if model in ("logistic", "cox"):

@@ -31,6 +31,7 @@ class TrainingPlan:
     model_options: ModelOptions = field(default_factory=ModelOptions)
     categories: dict[str, list[str]] = field(default_factory=dict)
     features: list[str] = field(default_factory=list)  # agreed encoded feature order
+    labels: list[str] = field(default_factory=list)  # agreed label columns (one output per label for multitask)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     rounds: int = 1  # planned rounds: DP noise is calibrated for rounds x local_steps
     secure_aggregation: bool = False
@@ -41,7 +42,7 @@ class TrainingPlan:
     normalization: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
-    def from_study(cls, study: StudyConfig, features: list[str] | None = None) -> TrainingPlan:
+    def from_study(cls, study: StudyConfig, features: list[str] | None = None, labels: list[str] | None = None) -> TrainingPlan:
         return cls(
             study=study.name,
             task=study.task,
@@ -55,6 +56,7 @@ class TrainingPlan:
             model_options=study.model_options,
             categories={k: list(v) for k, v in study.categories.items()},
             features=list(features or []),
+            labels=list(labels or []),
             privacy=study.privacy,
             rounds=study.rounds,
             secure_aggregation=study.secure.enabled,
@@ -70,5 +72,6 @@ class TrainingPlan:
         raw = json.loads(text)
         opts = raw.pop("model_options")
         privacy = PrivacyConfig(**raw.pop("privacy"))
-        options = ModelOptions(tuple(opts["hidden"]), opts["dropout"], tuple(opts.get("time_bins", ())))
+        opts["hidden"], opts["time_bins"] = tuple(opts["hidden"]), tuple(opts.get("time_bins", ()))
+        options = ModelOptions(**opts)
         return cls(**raw, model_options=options, privacy=privacy)

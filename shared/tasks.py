@@ -40,6 +40,18 @@ def hazard_nll_per_patient(logits: torch.Tensor, target: torch.Tensor, cuts: tor
     return (terms * (survived | died).to(logits.dtype)).sum(dim=1)
 
 
+def masked_bce_per_sample(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Multi-task binary cross-entropy per molecule over its *known* labels (NaN = unknown).
+
+    Each molecule's loss is the mean over the tasks it was measured on (0 when
+    none), so it stays one per-row term, as per-molecule DP-SGD needs.
+    """
+    known = ~torch.isnan(target)
+    terms = F.binary_cross_entropy_with_logits(logits, torch.where(known, target, torch.zeros_like(target)), reduction="none")
+    count = known.sum(-1).clamp(min=1).to(logits.dtype)
+    return (terms * known.to(logits.dtype)).sum(-1) / count
+
+
 def per_sample_loss(task: str, model: str = "", time_bins: tuple[float, ...] = ()):
     """``loss(output, target) -> tensor of one loss per row``; ``None`` where the loss
     does not decompose per row (the Cox partial likelihood)."""
@@ -47,6 +59,8 @@ def per_sample_loss(task: str, model: str = "", time_bins: tuple[float, ...] = (
         return lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction="none")
     if task == "regression":
         return lambda out, y: F.mse_loss(out, y, reduction="none")
+    if task == "multitask":
+        return masked_bce_per_sample
     if task == "survival" and model == "hazard":
         cuts = torch.tensor(time_bins, dtype=torch.float32)
         return lambda out, y: hazard_nll_per_patient(out, y, cuts)
@@ -69,6 +83,6 @@ def predict(task: str, output: torch.Tensor) -> torch.Tensor:
     A hazard model's logits share one linear score across intervals, so their
     mean orders patients by risk exactly as that score does.
     """
-    if task == "binary":
+    if task in ("binary", "multitask"):
         return torch.sigmoid(output)
     return output.mean(dim=-1) if output.ndim == 2 else output

@@ -81,6 +81,11 @@ def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm):
     return grads, norms
 
 
+def _rows(x: torch.Tensor | tuple[torch.Tensor, ...]) -> int:
+    """Samples in a batch; a tuple holds several per-sample inputs (e.g. a padded graph's parts)."""
+    return int(x[0].shape[0]) if isinstance(x, tuple) else int(x.shape[0])
+
+
 def _vmap_clipped_sum(model, loss_fn, x, y, max_grad_norm):
     from torch.func import functional_call, grad, vmap
 
@@ -90,11 +95,12 @@ def _vmap_clipped_sum(model, loss_fn, x, y, max_grad_norm):
     buffers = dict(model.named_buffers())
 
     def one(p, xi, yi):
-        out = functional_call(model, {**p, **frozen, **buffers}, (xi.unsqueeze(0),))
+        args = tuple(t.unsqueeze(0) for t in xi) if isinstance(xi, tuple) else (xi.unsqueeze(0),)
+        out = functional_call(model, {**p, **frozen, **buffers}, args)
         return loss_fn(out, yi.unsqueeze(0)).sum()
 
     per_sample = vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, x, y)
-    sq = sum(per_sample[n].reshape(x.shape[0], -1).pow(2).sum(1) for n in names)
+    sq = sum(per_sample[n].reshape(_rows(x), -1).pow(2).sum(1) for n in names)
     factors, norms = _clip_factors(sq, max_grad_norm)
     lookup = dict(model.named_parameters())
     grads = {lookup[n]: torch.einsum("b,b...->...", factors, per_sample[n]) for n in names}
@@ -106,7 +112,11 @@ def clipped_grad_sum(model: nn.Module, loss_fn: PerSampleLoss, x: torch.Tensor, 
 
     Returns ``({parameter: summed clipped gradient}, per-sample gradient norms before clipping)``.
     ``loss_fn`` must return one loss per row (a batch-coupled loss is not DP-valid).
+    ``x`` may be a tuple of per-sample inputs (the model is called as ``model(*x)``);
+    those always take the generic path.
     """
+    if isinstance(x, tuple):
+        route = "vmap"
     layers = linear_layers(model) if route in ("auto", "linear") else None
     if route == "linear" and layers is None:
         raise ValueError("model has trainable tensors outside nn.Linear layers")
@@ -133,6 +143,7 @@ def noisy_step(
     Each gradient is ``(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / (q n)``.
     On the Linear fast path noise, clipped sum and scaling are fused into one
     ``addmm`` per weight, so the step costs little more than a plain one.
+    ``x`` may be a tuple of per-sample inputs (e.g. padded graphs); pass ``layers=None`` then.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     std = noise_multiplier * max_grad_norm
@@ -143,16 +154,19 @@ def noisy_step(
     for p in params:
         chunks[p] = gaussian[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
+    if isinstance(x, tuple):  # several inputs per sample: only the generic path applies
+        layers = None
     if isinstance(layers, str):  # callers looping over steps pass linear_layers(model) once
         layers = linear_layers(model)
-    if layers is not None and len(x):
+    rows = _rows(x)
+    if layers is not None and rows:
         scaled_layers, _ = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm)
         for layer, a, scaled in scaled_layers:
             if layer.weight.requires_grad:
                 layer.weight.grad = torch.addmm(chunks.pop(layer.weight), scaled.T, a, beta=std * scale, alpha=scale)
             if layer.bias is not None and layer.bias.requires_grad:
                 layer.bias.grad = torch.add(scaled.sum(0), chunks.pop(layer.bias), alpha=std).mul_(scale)
-    elif len(x):
+    elif rows:
         grads = clipped_grad_sum(model, loss_fn, x, y, max_grad_norm)[0]
         for p, summed in grads.items():
             p.grad = torch.add(summed, chunks.pop(p), alpha=std).mul_(scale)

@@ -1,0 +1,101 @@
+"""Local training and evaluation of the molecule GNN; under DP, one molecule is one privacy unit.
+
+Plain training runs PyG's sparse mini-batches. DP-SGD needs one gradient per
+*molecule*: Opacus would take the atoms inside a message-passing layer for the
+batch (clipping per atom, or failing on unequal sizes; opacus #588, #841), so
+each Poisson-sampled batch is padded into dense graphs (at most ``max_atoms``
+atoms, a public cap) and ``torch.func.vmap(grad(...))`` gives every molecule's
+gradient of the *same* parameters; :func:`client.privacy.dpsgd.noisy_step` clips,
+sums and noises them like any other model's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from client.privacy.budget import DPRound
+from client.privacy.dpsgd import noisy_step, poisson_batch
+from client.trainer import _optimizer, batches, derived_seed, dp_seed
+from shared.errors import ConfigError
+from shared.gnn import DenseBatch, DenseView, MoleculeGNN, dense_batch, sparse_batch
+from shared.metrics import multitask_metrics, task_metrics
+from shared.molecule_data import MoleculeData
+from shared.molecules import ATOM_FEATURES
+from shared.plan import TrainingPlan
+from shared.tasks import loss_for, per_sample_loss, predict
+
+log = logging.getLogger("fedhelix.client")
+
+
+def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None) -> dict[str, float]:
+    """``plan.local_steps`` optimiser steps on the site's molecules from the global weights."""
+    torch.manual_seed(derived_seed(plan.seed, data.site, server_round, "init"))
+    generator = torch.Generator().manual_seed(derived_seed(plan.seed, data.site, server_round))
+    graphs = data.graphs_train
+    y = torch.from_numpy(np.asarray(data.y_train, dtype=np.float32))
+    optimizer = _optimizer(model, plan)
+    if dp is not None:
+        sampler = np.random.default_rng(dp_seed(plan, data.site, server_round, "poisson"))
+        noise = torch.Generator().manual_seed(dp_seed(plan, data.site, server_round, "noise"))
+        return _train_graphs_dp(model, data, y, plan, dp, optimizer, sampler, noise)
+    loss_fn = loss_for(plan.task)
+    global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
+    model.train()
+    total, count = 0.0, 0
+    for idx in batches(len(graphs), plan.batch_size, plan.local_steps, generator):
+        optimizer.zero_grad()
+        loss = loss_fn(model(*sparse_batch([graphs[i] for i in idx.tolist()])), y[idx])
+        if global_params is not None:
+            prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
+            loss = loss + 0.5 * plan.proximal_mu * prox
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        count += 1
+    return {"train_loss": total / max(count, 1)}
+
+
+def _empty_dense() -> DenseBatch:
+    return torch.zeros(0, 1, len(ATOM_FEATURES)), torch.zeros(0, 1, 1), torch.zeros(0, 1, dtype=torch.bool)
+
+
+def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler, noise) -> dict[str, float]:
+    if plan.proximal_mu > 0:
+        raise ConfigError("FedProx's proximal term is not supported under DP-SGD")
+    cap = plan.model_options.max_atoms
+    # Molecules above the public size cap never take part (each is judged alone, so this is per-record).
+    eligible = [i for i, g in enumerate(data.graphs_train) if g.num_nodes <= cap]
+    if len(eligible) < data.n_train:
+        log.warning("site '%s': %d molecule(s) above max_atoms = %d are left out of DP training", data.site, data.n_train - len(eligible), cap)
+    graphs = [data.graphs_train[i] for i in eligible]
+    y = y[torch.tensor(eligible, dtype=torch.long)]
+    dense = DenseView(model)
+    loss_fn = per_sample_loss(plan.task)
+    expected = dp.sample_rate * len(graphs)
+    model.train()
+    for _ in range(dp.steps):
+        idx = poisson_batch(len(graphs), dp.sample_rate, sampler)
+        inputs = dense_batch([graphs[i] for i in idx.tolist()], cap) if len(idx) else _empty_dense()
+        noisy_step(
+            dense, optimizer, loss_fn, inputs, y[idx],
+            max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier,
+            expected_batch_size=expected, noise=noise, layers=None,
+        )  # fmt: skip
+    return {}  # no train loss under DP (an un-noised statistic of private rows)
+
+
+@torch.no_grad()
+def evaluate_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, split: str = "test") -> tuple[float, dict[str, float | None]]:
+    """Loss and task metrics (per-task ROC/PR AUC for multitask) on the site's ``split``."""
+    graphs, y = (data.graphs_test, data.y_test) if split == "test" else (data.graphs_train, data.y_train)
+    model.eval()
+    output = model(*sparse_batch(graphs))
+    target = torch.from_numpy(np.asarray(y, dtype=np.float32))
+    loss = float(loss_for(plan.task)(output, target))
+    score = predict(plan.task, output).numpy().astype(np.float64)
+    if plan.task == "multitask":
+        return loss, multitask_metrics(y, score, list(data.labels))
+    return loss, task_metrics(plan.task, y, score)
