@@ -21,7 +21,7 @@ def simulate_command(
     study: Annotated[Path | None, typer.Argument(help="Study file (TOML). Default: the bundled TCGA-BRCA survival study (6 regions).")] = None,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory for metrics.jsonl, report.json/html, model.pt. Default: runs/<study name>.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and Ray's own log on the console too.")] = False,
-    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the interrupted run in this run directory from its last checkpointed round (same study file).")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the interrupted run in this run directory from its last checkpointed round (same study file).")] = None,
 ) -> None:
     """Run a study as a simulated federation on this machine (every site is a virtual Flower node)."""
     from server.simulate import simulate
@@ -126,17 +126,19 @@ def run_command(
     if report.get("status") != "completed":
         raise FedhelixError(f"study '{report['study']['name']}' {report.get('status')}: {report.get('error') or 'see report.html'}")
     print_summary(report)
+
+
 def partition_command(
     csv: Annotated[Path, typer.Argument(help="Molecule table (CSV) with a SMILES column and label column(s).")],
     by: Annotated[str, typer.Option("--by", help="scaffold (Bemis-Murcko groups kept whole), random, or dirichlet (label skew).")] = "scaffold",
     sites: Annotated[int, typer.Option("--sites", "-n", help="Number of simulated companies.")] = 4,
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the company CSVs, site files and study.toml.")] = Path("partition"),
-    label: Annotated[Optional[list[str]], typer.Option("--label", help="Label column (repeat for multitask). Default: inferred.")] = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="binary, multitask or regression. Default: inferred from the labels.")] = None,
-    smiles: Annotated[Optional[str], typer.Option("--smiles", help="SMILES column. Default: the column named 'smiles'.")] = None,
+    label: Annotated[list[str] | None, typer.Option("--label", help="Label column (repeat for multitask). Default: inferred.")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="binary, multitask or regression. Default: inferred from the labels.")] = None,
+    smiles: Annotated[str | None, typer.Option("--smiles", help="SMILES column. Default: the column named 'smiles'.")] = None,
     alpha: Annotated[float, typer.Option("--alpha", help="Dirichlet concentration for --by dirichlet (smaller = more skew).")] = 0.5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split.")] = 0,
-    name: Annotated[Optional[str], typer.Option("--name", help="Study name. Default: the --out directory's name.")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Study name. Default: the --out directory's name.")] = None,
 ) -> None:
     """Split a molecule table into simulated companies and write a ready-to-run study."""
     from server.partition import partition
