@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import configparser
+import fnmatch
+import json
+import shlex
+import subprocess
 from pathlib import Path
 
+import click
+import pytest
+import typer
+import yaml
+
+from fedhelix.cli import app
+from server.provision import DEFAULT_LINK_PORT, load_consortium
 from shared.flower_env import FLOWER_ENV
 
 
@@ -23,19 +35,6 @@ def test_flower_env_file_sets_what_the_code_sets(root: Path) -> None:
 # the CLI (typer app), the consortium files and shared/flower_env.py. tests/e2e runs the
 # same `fedhelix server` / `fedhelix node` processes directly.
 
-import configparser  # noqa: E402
-import fnmatch  # noqa: E402
-import json  # noqa: E402
-import shlex  # noqa: E402
-import subprocess  # noqa: E402
-
-import click  # noqa: E402
-import pytest  # noqa: E402
-import typer  # noqa: E402
-import yaml  # noqa: E402
-
-from fedhelix.cli import app  # noqa: E402
-from server.provision import DEFAULT_LINK_PORT, load_consortium  # noqa: E402
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 GATEWAY_PORT = load_consortium(DEPLOY.parent / "studies" / "consortium-demo" / "consortium.toml").port
