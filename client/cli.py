@@ -100,7 +100,7 @@ def node_command(
     plan = prepare_node(kit, site, port=port, fast=not stock)
     approved = read_approvals_count(plan.approvals)
     console.print(f"[green]OK[/] kit, certificates, server TLS and site data checked for site '{plan.site.name}'")
-    console.print(f"node dials {plan.kit.server_address}; {approved} approved stud{'y' if approved == 1 else 'ies'} in {plan.approvals}; ledger in {plan.ledger_dir}")
+    console.print(f"node dials {plan.kit.server_address}; {approved} approved stud{'y' if approved == 1 else 'ies'} in {plan.approvals}; privacy ledger {plan.ledger or 'none (no [privacy] section: DP studies will be refused)'}")
     raise typer.Exit(run_node(plan))
 
 

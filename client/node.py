@@ -114,13 +114,13 @@ class NodePlan:
     kit: NodeKit
     site: SiteConfig
     approvals: Path
-    ledger_dir: Path
+    ledger: Path | None  # the site's privacy ledger (None: the site allows no DP studies)
     command: list[str]
     launcher: list[str] | None = None  # fast mode: the warm ClientApp launcher beside the SuperNode
 
 
 def prepare_node(
-    kit_path: Path, site_path: Path, *, port: int = 9094, ledger_dir: Path | None = None, probe: bool = True, fast: bool = True
+    kit_path: Path, site_path: Path, *, port: int = 9094, probe: bool = True, fast: bool = True
 ) -> NodePlan:
     """Every local check, then the SuperNode command line (nothing started yet).
 
@@ -139,8 +139,9 @@ def prepare_node(
     read_approvals(approvals)  # readable (an unreadable file is an error now, not mid-study)
     if probe:
         probe_server(kit)
-    ledger = ledger_dir or (site.path.parent / "ledgers" if site.path else Path("ledgers"))
-    node_config = f'site-config="{site.path}" ledger-dir="{ledger}"'
+    # The site file's [privacy] ledger is the one ledger of this dataset (also what `fedhelix ledger show` reads).
+    ledger = site.privacy.ledger if site.privacy is not None else None
+    node_config = f'site-config="{site.path}"'
     command = [
         sys.executable, "-m", "client.supernode_entry",
         "--site", kit.site, "--consortium", kit.consortium, "--approvals", str(approvals), "--admin-cert", str(kit.admin_cert),
@@ -174,6 +175,8 @@ def run_node(plan: NodePlan) -> int:
     previous = signal.signal(signal.SIGTERM, lambda *_: [_stop_group(p) for p in (proc, *helpers)])
     try:
         code = proc.wait()
+        if code < 0:  # stopped by a signal (SIGTERM from systemd, Ctrl-C): a clean stop
+            code = 0
     except KeyboardInterrupt:
         code = 0
     finally:

@@ -89,6 +89,12 @@ def server_command(
     from server.deployment import start_server
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import signal
+
+    def stop_on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # docker / systemd / kubernetes stop = Ctrl-C: stop both processes cleanly
+
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     running = start_server(kit)
     k = running.kit
     console.print(f"[green]fedhelix server[/] '{k.consortium}': sites dial {k.listen} (Fleet API only); Control API on https://{k.link_address} (this host only)")
