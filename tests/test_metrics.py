@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from shared.metrics import PRIMARY, binary_metrics, regression_metrics, survival_metrics, task_metrics
+from shared.metrics import multitask_metrics, PRIMARY, binary_metrics, regression_metrics, survival_metrics, task_metrics
 from shared.tasks import cox_partial_nll, loss_for, predict
 
 # ----------------------------------------------------------------------------- references
@@ -197,7 +197,10 @@ def test_task_metrics_dispatch():
     assert task_metrics("regression", np.array([1.0, 2.0]), np.array([1.5, 2.5]))["mae"] == pytest.approx(0.5)
     with pytest.raises(ValueError):
         task_metrics("ranking", Y, PROB)
-    assert set(PRIMARY) == {"binary", "regression", "survival"}
+    multi_target = np.array([[1.0, np.nan], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    multi_score = np.array([[0.9, 0.2], [0.1, 0.8], [0.7, 0.3], [0.2, 0.6]])
+    assert task_metrics("multitask", multi_target, multi_score) == multitask_metrics(multi_target, multi_score)
+    assert set(PRIMARY) == {"binary", "regression", "survival", "multitask"}
 
 
 # ----------------------------------------------------------------------------- Cox loss

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from client.approval import approve
+from client.audit import audit_path, verify
 from client.node import prepare_node, probe_server
 from client.privacy.ledger import PrivacyLedger
 from server.deployment import RunningServer, flower_env, flwr_home_for, start_server
@@ -152,6 +153,9 @@ def test_signed_approved_study_runs_with_secagg_and_dp(consortium: Consortium) -
         privacy = report["privacy"][name]
         assert 0 < privacy["epsilon"] <= 8.0 + 1e-6
         assert ledger_entries(consortium, name) == 2  # one ledger row per round, at the site
+    for name in SITES:  # the site's own record of what left it: intact, and naming this study's updates
+        summary = verify(audit_path(name, consortium.site_file(name)))
+        assert summary.kinds.get("update", 0) == 2 and summary.kinds.get("handshake", 0) >= 1
     assert (submission.out_dir / "study.toml").read_bytes() == consortium.study.read_bytes()  # what was run
     assert (submission.out_dir / "report.html").exists() and (submission.out_dir / "model.pt").exists()
 
