@@ -10,7 +10,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from shared.errors import FedhelixError
 from shared.metrics import PRIMARY
 from shared.paths import DEFAULT_STUDY
 
@@ -124,13 +123,8 @@ def run_command(
         if verbose or any(word in line for word in ("ROUND", "round", "study", "ERROR", "error", "refuse")):
             console.print(f"[dim]{line}[/]", highlight=False)
 
-    submission = submit_study(study, kit, out, on_line=show)
-    report_path = submission.out_dir / "report.json"
-    if not report_path.exists():
-        raise FedhelixError(f"the run ended without a report in {submission.out_dir}; see the server's superlink.log")
-    report = json.loads(report_path.read_text())
-    if report.get("status") != "completed":
-        raise FedhelixError(f"study '{report['study']['name']}' {report.get('status')}: {report.get('error') or 'see report.html'}")
+    submission = submit_study(study, kit, out, on_line=show)  # raises with the report's reason unless completed
+    report = json.loads((submission.out_dir / "report.json").read_text())
     print_summary(report)
 
 

@@ -119,4 +119,11 @@ def submit_study(
         code = proc.wait(timeout=timeout_s)
     if code != 0:
         raise FedhelixError(f"submitting study '{study.name}' to {kit.control_address} failed (flwr exit code {code}); see the lines above")
+    # `flwr run --stream` exits 0 even when the ServerApp failed: the report is the verdict.
+    report_path = out_dir / study.name / "report.json"
+    if not report_path.exists():
+        raise FedhelixError(f"study '{study.name}' ended without a report in {report_path.parent}; see the server's superlink.log")
+    report = json.loads(report_path.read_text())
+    if report.get("status") != "completed":
+        raise FedhelixError(f"study '{study.name}' {report.get('status')}: {report.get('error') or 'see report.html'}")
     return Submission(run_id, out_dir / study.name, manifest, code)
