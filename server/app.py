@@ -22,6 +22,7 @@ from flwr.server.workflow.constant import MAIN_PARAMS_RECORD
 from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
+from server.feature_selection import select_study_features
 from server.federated_stats import needs_federated_stats, secure_pooled_standardizer
 from server.grid_tap import Observer, TappedGrid
 from server.handshake import handshake
@@ -64,6 +65,10 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
             params = derive_params(len(study.sites), study.secure.max_dropouts, study.update_bound, 1 if site_level else max(s.n_train for s in sites))
             recorder.secure = params
             log.info("SecAgg+: %d shares, threshold %d, clipping +-%g, Q=2^%d, M=2^32, max_weight %g", params.num_shares, params.reconstruction_threshold, params.clipping_range, params.quantization_range.bit_length() - 1, params.max_weight)
+        if study.omics is not None:  # federated feature selection fixes the study's feature list
+            features = select_study_features(tapped, context, study, plan, sites, params)
+            plan = TrainingPlan.from_study(study, features)
+            model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed)
         if needs_federated_stats(sites):
             pooled = secure_pooled_standardizer(tapped, context, study, plan, sites, params)
             plan = dataclasses.replace(plan, normalization={"mean": pooled.mean.tolist(), "scale": pooled.scale.tolist()})

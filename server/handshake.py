@@ -63,6 +63,8 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
                 warnings=json.loads(str(props.get("warnings", "[]"))),
                 normalize=str(props.get("normalize", "site")),
                 indicators=json.loads(str(props.get("indicators", "[]"))),
+                candidates=json.loads(str(props.get("candidates", "[]"))),
+                join_dropped=int(props.get("join_dropped", 0)),
             )
         )
     if problems:
@@ -79,10 +81,12 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
         site.order = expected.index(site.name)
     sites.sort(key=lambda s: s.order)  # the study's first site fixes the feature order
     reference = sites[0]
+    # With [omics] selection, omics features may differ by site (the common ones are candidates).
+    agreed = (lambda s: set(s.features) - set(s.candidates)) if study.omics is not None else (lambda s: set(s.features))
     for site in sites[1:]:
-        if set(site.features) != set(reference.features):
-            only_here = sorted(set(site.features) - set(reference.features))[:3]
-            only_there = sorted(set(reference.features) - set(site.features))[:3]
+        if agreed(site) != agreed(reference):
+            only_here = sorted(agreed(site) - agreed(reference))[:3]
+            only_there = sorted(agreed(reference) - agreed(site))[:3]
             raise StudyAborted(
                 f"site '{site.name}' and site '{reference.name}' disagree on features "
                 f"(only at '{site.name}': {only_here}; only at '{reference.name}': {only_there})"
@@ -94,5 +98,6 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
     for site in sites:
         # put each site's per-feature indicator flags in the agreed (reference) order
         flags = dict(zip(site.features, site.indicators))
+        site.flags = flags
         site.indicators = [bool(flags.get(f, False)) for f in reference.features]
     return sites
