@@ -186,18 +186,19 @@ def load_site_data(
         role = "event" if task == "survival" else "label"
         raise err(spec.label, f"{role} must be 0/1, found {', '.join(seen) or 'no values'}", f"recode the {role} as 0 and 1")
     numeric = [c for c in features if c not in spec.categorical] + targets
-    values = frame[numeric].astype(float)
-    infinite = values.columns[np.isinf(values.to_numpy()).any(axis=0)]
+    floats = frame[numeric].select_dtypes(include="floating")  # ints and bools cannot be infinite
+    infinite = floats.columns[np.isinf(floats).any(axis=0).to_numpy()]  # per dtype block: no float64 copy of a wide matrix
+    del floats
     if len(infinite):
         raise err(str(infinite[0]), "contains infinite values", "replace them or remove those rows")
     if task == "survival":
-        negative = int((values[spec.time] < 0).sum())
+        negative = int((frame[spec.time].astype(float) < 0).sum())
         if negative:
             raise err(spec.time, f"{negative} negative survival time(s)", "times must be >= 0 (days since diagnosis)")
 
     # ---- missing values ----------------------------------------------------
     used = features + targets
-    missing = frame[used].isna()
+    missing = frame.isna()[used]
     warnings: list[str] = []
     dropped = 0
     if spec.missing == "none" and missing.to_numpy().any():
@@ -305,7 +306,7 @@ def _encode(part: pd.DataFrame, features, categorical, categories, err) -> tuple
             run.append(column)
             continue
         if run:
-            blocks.append(part[run].astype(float))
+            blocks.append(part[run].astype(np.float32))  # float32 like the model; half the memory of a wide matrix
             run = []
         if column is not None:
             levels = list(categories[column])
