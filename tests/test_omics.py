@@ -136,3 +136,22 @@ def test_sites_with_different_column_orders_and_extra_columns_agree_on_the_selec
     # A clinical column the study does not know is still an error (only omics extras are dropped).
     with pytest.raises(DataContractError, match="features differ from the study's agreed list"):
         load_site_data(loaded[0][0], "binary", feature_order=["g17", "g03"], select=True)
+
+
+def test_study_omics_section_is_parsed_strictly_and_travels_in_the_plan(tmp_path):
+    from shared.config import load_study
+    from shared.errors import ConfigError
+    from shared.plan import TrainingPlan
+
+    def study(omics: str) -> Path:
+        path = tmp_path / "study.toml"
+        path.write_text(f'[study]\nname = "s"\ntask = "binary"\nmodel = "logistic"\n\n[omics]\n{omics}\n\n[[sites]]\nname = "a"\nconfig = "a.toml"\n')
+        return path
+
+    parsed = load_study(study('top_k = 5\nmax_missing_rate = 0.2\nfeatures = ["b", "a"]'))
+    assert parsed.omics == OmicsSelection(max_missing_rate=0.2, top_k=5, features=("b", "a"))
+    plan = TrainingPlan.from_json(TrainingPlan.from_study(parsed).to_json())
+    assert plan.selection == {"max_missing_rate": 0.2, "min_variance": 0.0, "top_k": 5, "features": ["b", "a"]}
+    for bad, message in (("top_k = -1", "must be >= 0"), ("max_missing_rate = 1.5", "between 0 and 1"), ("topk = 3", "unknown key"), ('features = ["a", "a"]', "twice")):
+        with pytest.raises(ConfigError, match=message):
+            load_study(study(bad))

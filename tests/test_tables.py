@@ -184,3 +184,15 @@ def test_several_tables_need_an_id(tmp_path):
     path.write_text('[site]\nname = "s"\n[data]\nlabel = "y"\n[[tables]]\npath = "a.csv"\n[[tables]]\npath = "b.csv"\nrole = "expression"\n')
     with pytest.raises(ConfigError, match=r"\[tables #1\] has no id column"):
         load_site(path)
+
+
+def test_a_single_table_with_an_id_keeps_the_id_out_of_the_features_and_checks_duplicates(tmp_path):
+    frame = clinical(ids(20))
+    frame.to_csv(tmp_path / "one.csv", index=False)
+    path = tmp_path / "one.toml"
+    path.write_text('[site]\nname = "one"\n[data]\npath = "one.csv"\nid = "pid"\nlabel = "y"\ndrop = ["pid"]\n')
+    assert load(path).feature_names == ("age",)
+    frame.loc[5, "pid"] = "P000"
+    frame.to_csv(tmp_path / "one.csv", index=False)
+    with pytest.raises(DataContractError, match=r"one\.csv, column 'pid': 1 duplicate patient id"):
+        load(path)
