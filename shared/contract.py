@@ -113,7 +113,7 @@ def load_site_data(
     """
     spec = site.data
     categories = categories or {}
-    source = str(spec.path)
+    source = str(spec.path) if len(spec.tables) < 2 else " + ".join(t.path.name for t in spec.tables)  # joined: name them all
     joined = read_tables(site) if spec.tables or spec.id else None
     frame = joined.frame if joined is not None else read_table(site)
     omics = set(joined.omics_columns) if joined is not None else set()
