@@ -152,6 +152,10 @@ def test_study_omics_section_is_parsed_strictly_and_travels_in_the_plan(tmp_path
     assert parsed.omics == OmicsSelection(max_missing_rate=0.2, top_k=5, features=("b", "a"))
     plan = TrainingPlan.from_json(TrainingPlan.from_study(parsed).to_json())
     assert plan.selection == {"max_missing_rate": 0.2, "min_variance": 0.0, "top_k": 5, "features": ["b", "a"]}
+    path = study("top_k = 5")
+    path.write_text(path.read_text().replace('model = "logistic"', 'model = "logistic"\nsecure_aggregation = false'))
+    with pytest.raises(ConfigError, match=r"\[omics\] feature selection needs secure_aggregation = true"):
+        load_study(path)
     for bad, message in (("top_k = -1", "must be >= 0"), ("max_missing_rate = 1.5", "between 0 and 1"), ("topk = 3", "unknown key"), ('features = ["a", "a"]', "twice")):
         with pytest.raises(ConfigError, match=message):
             load_study(study(bad))
