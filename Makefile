@@ -29,6 +29,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/dp_utility.py
 	$(BIN)/python bench/dp_overhead.py
 	$(BIN)/python bench/secagg_overhead.py --sites 10 50 100
+	$(BIN)/python bench/gse7390.py
+	$(BIN)/python bench/omics_scale.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

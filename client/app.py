@@ -32,6 +32,7 @@ from shared.errors import ConfigError, DataContractError
 from shared.models import build_model
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
 from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
+from shared.omics import selection_moments
 from shared.preprocess import is_indicator, moments
 
 log = logging.getLogger("fedhelix.client")
@@ -72,9 +73,37 @@ class SiteClient(NumPyClient):
             # which features are 0/1 here (a pooled scaler leaves features that are 0/1 everywhere alone)
             "indicators": json.dumps(is_indicator(data.x_train).tolist() if isinstance(data, SiteData) else []),
             "labels": json.dumps(list(getattr(data, "labels", (self.site.data.label,)))),
+            # omics features (a study with [omics] selects among those every site has); names only
+            "candidates": json.dumps(list(getattr(data, "omics_features", ()))),
+            "join_dropped": int(getattr(data, "join_dropped", 0)),
         }
         self.audit.append(study=plan.study, server_round=0, kind="handshake", metrics=props)
         return props
+
+    def _fit_selection(self, plan: TrainingPlan) -> tuple[NDArrays, int, dict]:
+        """Federated feature selection: this site's per-feature presence, sum and sum of squares, under SecAgg+.
+
+        Computed on the train split's unstandardised values (after the table's transforms),
+        weighted by n_train; the coordinator sees only the pooled statistics.
+        """
+        if not plan.selection:
+            raise ConfigError(f"site '{self.site.name}' refused the selection round: the study has no [omics] section")
+        data = load_for_plan(self.site, plan, scale=False)
+        index = {name: i for i, name in enumerate(data.feature_names)}
+        absent = [f for f in plan.candidates if f not in index]
+        if absent:
+            raise DataContractError(f"site '{self.site.name}': candidate feature(s) {absent[:3]} not in its data; nothing was sent. Fix: check the omics tables")
+        pos = np.fromiter((index[f] for f in plan.candidates), dtype=np.int64, count=len(plan.candidates))
+        values = selection_moments(data.x_train[:, pos], data.missing_rate[pos])
+        worst = int(np.argmax(np.abs(values)))
+        if abs(values[worst]) > plan.stats_bound:
+            feature = plan.candidates[worst % len(plan.candidates)]
+            raise DataContractError(
+                f"site '{self.site.name}': feature '{feature}' has magnitude {abs(values[worst]):.3g}, beyond the study's "
+                f"stats_bound {plan.stats_bound:g}; nothing was sent. Fix: log-transform the table (transforms = [\"log1p\"]) or raise [secure_aggregation] stats_bound"
+            )
+        log.info("site '%s': masking selection statistics of %d candidate features for the secure sum", self.site.name, len(pos))
+        return [values.astype(np.float64)], data.n_train, {"site": self.site.name}
 
     def _fit_statistics(self, plan: TrainingPlan, data) -> tuple[NDArrays, int, dict]:
         """Secure statistics round: this site's feature means and mean squares, summed under SecAgg+.
@@ -98,6 +127,8 @@ class SiteClient(NumPyClient):
         return arrays, data.n_train, metrics
 
     def fit(self, parameters, config):
+        if config.get(STAGE_KEY) == "select":
+            return self._fit_selection(TrainingPlan.from_json(str(config[PLAN_KEY])))
         plan, data, model = self._setup(config, None if config.get(STAGE_KEY) == "stats" else parameters)
         if config.get(STAGE_KEY) == "stats":
             return self._fit_statistics(plan, data)
@@ -199,7 +230,7 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
         return secaggplus_mod(msg, ctxt, call_next)
     if msg.metadata.message_type == MessageType.TRAIN:
         config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
-        if config.get(STAGE_KEY) == "stats" or (PLAN_KEY in config and TrainingPlan.from_json(str(config[PLAN_KEY])).secure_aggregation):
+        if config.get(STAGE_KEY) in ("stats", "select") or (PLAN_KEY in config and TrainingPlan.from_json(str(config[PLAN_KEY])).secure_aggregation):
             raise ConfigError("refused: the study requires secure aggregation but this update was requested without SecAgg+")
     return call_next(msg, ctxt)
 

@@ -29,6 +29,8 @@ def check_site_command(
         task, categories = ("survival" if config.data.time else "binary"), {}
     data = load_site_data(config, task, categories)
     console.print(f"[green]OK[/] site '{config.name}': {data.n_train} train / {data.n_test} test rows, {len(data.feature_names)} features ({task} task)")
+    if config.data.tables:
+        console.print(f"  {len(config.data.tables)} tables joined on the patient id; {len(data.omics_features)} omics features ({data.join_dropped} patient(s) dropped by the join)")
     for warning in data.warnings:
         console.print(f"[yellow]warning[/] {warning}")
 

@@ -33,18 +33,22 @@ def resolve_site(context: Context, study_path: str | None = None) -> SiteConfig:
     return load_site_ref(study.sites[index], study.path)
 
 
-def load_for_plan(site: SiteConfig, plan: TrainingPlan) -> SiteData:
-    """Site data encoded the way the plan says (agreed categories, feature order, pooled scaling)."""
+def load_for_plan(site: SiteConfig, plan: TrainingPlan, scale: bool = True) -> SiteData:
+    """Site data encoded the way the plan says (agreed categories, feature order, pooled scaling).
+
+    ``scale = False``: unstandardised values (what the feature-selection statistics describe).
+    """
     check_format(site, plan.model)
-    mtime = Path(site.data.path).stat().st_mtime_ns if Path(site.data.path).exists() else 0
+    paths = [t.path for t in site.data.tables] or [Path(site.data.path)]
+    mtime = max(Path(p).stat().st_mtime_ns if Path(p).exists() else 0 for p in paths)
     pooled = json.dumps(plan.normalization, sort_keys=True) if plan.normalization else ""
-    return _cached(site, mtime, plan.task, json.dumps(plan.categories, sort_keys=True), tuple(plan.features), pooled)
+    return _cached(site, mtime, plan.task, json.dumps(plan.categories, sort_keys=True), tuple(plan.features), pooled, bool(plan.selection), scale)
 
 
-@lru_cache(maxsize=64)  # a simulation actor serves many sites
-def _cached(site: SiteConfig, _mtime: int, task: str, categories: str, features: tuple[str, ...], pooled: str) -> SiteData:
+@lru_cache(maxsize=16)  # a simulation actor serves many sites; omics sites are large
+def _cached(site: SiteConfig, _mtime: int, task: str, categories: str, features: tuple[str, ...], pooled: str, select: bool = False, scale: bool = True) -> SiteData:
     scaler = None
     if pooled:
         stats = json.loads(pooled)
         scaler = Standardizer(np.asarray(stats["mean"], dtype=np.float32), np.asarray(stats["scale"], dtype=np.float32))
-    return load_site_data(site, task, json.loads(categories), list(features) or None, pooled=scaler)
+    return load_site_data(site, task, json.loads(categories), list(features) or None, pooled=scaler, select=select, scale=scale)

@@ -25,6 +25,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from server.checkpoint import Checkpointer, load_checkpoint, resume_state
+from server.feature_selection import select_study_features
 from server.federated_stats import needs_federated_stats, secure_pooled_standardizer
 from server.grid_tap import Observer, TappedGrid
 from server.handshake import handshake
@@ -82,6 +83,10 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
             params = derive_params(len(study.sites), study.secure.max_dropouts, study.update_bound, 1 if site_level else max(s.n_train for s in sites))
             recorder.secure = params
             log.info("SecAgg+: %d shares, threshold %d, clipping +-%g, Q=2^%d, M=2^32, max_weight %g", params.num_shares, params.reconstruction_threshold, params.clipping_range, params.quantization_range.bit_length() - 1, params.max_weight)
+        if study.omics is not None:  # federated feature selection fixes the feature list (repeated on resume: it must agree)
+            features = select_study_features(tapped, context, study, plan, sites, params)
+            plan = TrainingPlan.from_study(study, features, labels)
+            model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs)
         if ckpt is not None:
             plan = resume_state(ckpt, plan, model)
         elif needs_federated_stats(sites):

@@ -33,14 +33,47 @@ from shared.preprocess import Standardizer
 log = logging.getLogger("fedhelix.server")
 
 
+def secure_weighted_mean(grid, context: Context, study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], params: SecAggParams, stage: str, length: int, what: str) -> np.ndarray:
+    """One SecAgg+ round in which every site sends a ``length`` vector weighted by its n_train; returns the weighted mean.
+
+    ``stage`` tells the sites what to compute (``stats``: feature moments, ``select``:
+    feature-selection statistics); ``what`` completes the error if the round fails.
+    """
+    # Sites weight their values by n_train here (also under site-level DP, where training uses weight 1).
+    stats_params = dataclasses.replace(params, clipping_range=study.secure.stats_bound, max_weight=float(max(s.n_train for s in sites)))
+    config: dict[str, Any] = {PLAN_KEY: plan.to_json(), STAGE_KEY: stage}
+    collector = _SecureMeanCollector(
+        fraction_fit=1.0,
+        min_fit_clients=len(sites),
+        min_available_clients=len(sites),
+        on_fit_config_fn=lambda _: config,
+        initial_parameters=ndarrays_to_parameters([np.zeros(length)]),
+    )
+    collector.what = what
+    legacy = LegacyContext(context=Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config, state=type(context.state)(), run_config=context.run_config), config=ServerConfig(num_rounds=1), strategy=collector)
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(collector.initial_parameters, keep_input=True)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 0, Key.START_TIME: 0.0})
+    thread, stop, ready = start_update_client_manager_thread(grid, legacy.client_manager)
+    try:
+        ready.wait()
+        StrictSecAggPlus(stats_params, timeout=study.secure.timeout_s)(grid, legacy)
+    finally:
+        stop.set()
+        thread.join()
+    if collector.result is None:
+        raise StudyAborted(f"the secure statistics round returned no aggregate; {what}")
+    return collector.result
+
+
 class _SecureMeanCollector(FedAvg):
     """Receives the securely aggregated vector and keeps it; updates no model."""
 
     result: np.ndarray | None = None
+    what: str = "no standardisation was agreed"
 
     def aggregate_fit(self, server_round, results, failures):  # noqa: D102
         if failures or not results:
-            raise StudyAborted(f"the secure statistics round failed at {len(failures)} site(s); no standardisation was agreed")
+            raise StudyAborted(f"the secure statistics round failed at {len(failures)} site(s); {self.what}")
         self.result = parameters_to_ndarrays(results[0][1].parameters)[0]
         return None, {}
 
@@ -59,29 +92,8 @@ def secure_pooled_standardizer(grid, context: Context, study: StudyConfig, plan:
     if params is None:
         raise StudyAborted('normalize = "federated" needs secure aggregation: without it the coordinator would see each site\'s statistics')
     n_features = len(plan.features)
-    # Sites weight their moments by n_train here (also under site-level DP, where training uses weight 1).
-    stats_params = dataclasses.replace(params, clipping_range=study.secure.stats_bound, max_weight=float(max(s.n_train for s in sites)))
-    config: dict[str, Any] = {PLAN_KEY: plan.to_json(), STAGE_KEY: "stats"}
-    collector = _SecureMeanCollector(
-        fraction_fit=1.0,
-        min_fit_clients=len(sites),
-        min_available_clients=len(sites),
-        on_fit_config_fn=lambda _: config,
-        initial_parameters=ndarrays_to_parameters([np.zeros(2 * n_features)]),
-    )
-    legacy = LegacyContext(context=Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config, state=type(context.state)(), run_config=context.run_config), config=ServerConfig(num_rounds=1), strategy=collector)
-    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(collector.initial_parameters, keep_input=True)
-    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: 0, Key.START_TIME: 0.0})
-    thread, stop, ready = start_update_client_manager_thread(grid, legacy.client_manager)
-    try:
-        ready.wait()
-        StrictSecAggPlus(stats_params, timeout=study.secure.timeout_s)(grid, legacy)
-    finally:
-        stop.set()
-        thread.join()
-    if collector.result is None:
-        raise StudyAborted("the secure statistics round returned no aggregate")
-    mean, mean_sq = collector.result[:n_features], collector.result[n_features:]
+    result = secure_weighted_mean(grid, context, study, plan, sites, params, "stats", 2 * n_features, "no standardisation was agreed")
+    mean, mean_sq = result[:n_features], result[n_features:]
     # A feature is left unscaled only if it is 0/1 at every site (known from the handshake).
     indicator = np.all([np.asarray(s.indicators, dtype=bool) for s in sites], axis=0)
     log.info("secure statistics round: pooled standardisation of %d features agreed by %d sites", n_features, len(sites))

@@ -64,6 +64,8 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
                 normalize=str(props.get("normalize", "site")),
                 indicators=json.loads(str(props.get("indicators", "[]"))),
                 labels=json.loads(str(props.get("labels", "[]"))),
+                candidates=json.loads(str(props.get("candidates", "[]"))),
+                join_dropped=int(props.get("join_dropped", 0)),
             )
         )
     silent = len(nodes) - len(sites) - len(problems)
@@ -83,10 +85,12 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
         site.order = expected.index(site.name)
     sites.sort(key=lambda s: s.order)  # the study's first site fixes the feature order
     reference = sites[0]
+    # With [omics] selection, omics features may differ by site (the common ones are candidates).
+    agreed = (lambda s: set(s.features) - set(s.candidates)) if study.omics is not None else (lambda s: set(s.features))
     for site in sites[1:]:
-        if set(site.features) != set(reference.features):
-            only_here = sorted(set(site.features) - set(reference.features))[:3]
-            only_there = sorted(set(reference.features) - set(site.features))[:3]
+        if agreed(site) != agreed(reference):
+            only_here = sorted(agreed(site) - agreed(reference))[:3]
+            only_there = sorted(agreed(reference) - agreed(site))[:3]
             raise StudyAborted(
                 f"site '{site.name}' and site '{reference.name}' disagree on features "
                 f"(only at '{site.name}': {only_here}; only at '{reference.name}': {only_there})"
@@ -101,5 +105,6 @@ def handshake(grid, study: StudyConfig, plan: TrainingPlan, timeout_s: float = 3
     for site in sites:
         # put each site's per-feature indicator flags in the agreed (reference) order
         flags = dict(zip(site.features, site.indicators))
+        site.flags = flags
         site.indicators = [bool(flags.get(f, False)) for f in reference.features]
     return sites

@@ -37,6 +37,9 @@ class SiteInfo:
     normalize: str = "site"
     indicators: list[bool] = field(default_factory=list)  # per feature, in the agreed order
     labels: list[str] = field(default_factory=list)  # label columns (the tasks of a multitask study)
+    candidates: list[str] = field(default_factory=list)  # omics feature names (federated selection)
+    flags: dict[str, bool] = field(default_factory=dict)  # is a feature 0/1 here, by name
+    join_dropped: int = 0  # patients the join of the site's tables dropped
 
 
 def summarise(per_site: dict[str, dict[str, Any]], weights: dict[str, int]) -> dict[str, dict[str, float]]:

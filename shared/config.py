@@ -135,6 +135,7 @@ class StudyConfig:
     secure: SecureAggregationConfig = field(default_factory=SecureAggregationConfig)
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     path: Path | None = None
+    omics: OmicsSelection | None = None  # federated feature selection (study [omics] section)
 
     @property
     def required_sites(self) -> int:
@@ -182,6 +183,10 @@ class DataSpec:
     test_fraction: float = 0.2
     split_column: str | None = None
     split_seed: int = 42
+    # Several tables per patient (omics), joined on the patient id before anything else.
+    id: str | None = None
+    join: str = "inner"
+    tables: tuple[TableSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -270,7 +275,7 @@ def _unknown_tables(doc: dict[str, Any], allowed: set[str], source: str) -> None
 
 def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | None = None) -> StudyConfig:
     """Validate a parsed study document; relative site paths resolve against ``base_dir``."""
-    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation", "robustness"}, source)
+    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation", "robustness", "omics"}, source)
     if "study" not in doc:
         raise ConfigError(f"{source}: the [study] section is missing")
     s = _Section(doc.get("study"), "study", source)
@@ -420,6 +425,8 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         raise ConfigError(f"{source}: duplicate site name(s) {', '.join(duplicates)}; every site needs its own name")
     if study["min_sites"] < 0 or study["min_sites"] > len(sites):
         raise ConfigError(f"{source}: [study] min_sites must be between 0 and the {len(sites)} listed sites")
+    if "omics" in doc and not secure_enabled:
+        raise ConfigError(f"{source}: [omics] feature selection needs secure_aggregation = true: without it the coordinator would see each site's per-feature statistics")
     return StudyConfig(
         **study,
         sites=tuple(sites),
@@ -428,6 +435,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         privacy=privacy,
         secure=secure,
         robustness=robustness,
+        omics=_parse_omics(doc["omics"], source) if "omics" in doc else None,
     )
 
 
@@ -443,7 +451,7 @@ def load_study(path: str | Path) -> StudyConfig:
 
 def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None = None) -> SiteConfig:
     """Validate a parsed site document; the data path resolves against ``base_dir``."""
-    _unknown_tables(doc, {"site", "data", "privacy"}, source)
+    _unknown_tables(doc, {"site", "data", "privacy", "tables"}, source)
     if "site" not in doc:
         raise ConfigError(f"{source}: the [site] section is missing")
     if "data" not in doc:
@@ -452,7 +460,10 @@ def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None 
     name = s.get("name", str)
     s.done()
     d = _Section(doc["data"], "data", source)
-    data_path = Path(d.get("path", str))
+    tables = _parse_tables(doc["tables"], source, base_dir) if "tables" in doc else ()
+    if tables and "path" in doc["data"]:
+        raise ConfigError(f"{source}: use either [data] path (one table) or [[tables]] (several), not both")
+    data_path = tables[0].path if tables else Path(d.get("path", str))
     if base_dir is not None and not data_path.is_absolute():
         data_path = (base_dir / data_path).resolve()
     raw_label = d.get("label", (str, list))
@@ -475,8 +486,12 @@ def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None 
         test_fraction=d.get("test_fraction", float, 0.2),
         split_column=d.get("split_column", str, None),
         split_seed=d.get("split_seed", int, 42),
+        id=d.get("id", str, None),
+        join=d.get("join", str, "inner", choices=JOINS),
+        tables=tables,
     )
     d.done()
+    _check_table_ids(spec, source)
     if spec.split_column is None and not 0.0 < spec.test_fraction < 1.0:
         raise ConfigError(f"{source}: [data] test_fraction must be between 0 and 1 (exclusive)")
     privacy = None
@@ -519,3 +534,107 @@ def check_format(site: SiteConfig, model: str) -> None:
         raise ConfigError(f"site '{site.name}': the study's model '{model}' reads molecules; set [data] format = \"smiles\" in {site.path}")
     if not graph_model and site.data.format == "smiles":
         raise ConfigError(f"site '{site.name}': {site.path} holds molecules (format = \"smiles\"), which only model = \"gnn\" can learn from")
+
+
+# --------------------------------------------------------------------------- omics: several tables, feature selection
+
+JOINS = ("inner", "left")
+ORIENTATIONS = ("samples_by_genes", "genes_by_samples")
+OMICS_TRANSFORMS = ("cpm", "log1p")
+CLINICAL_ROLE = "clinical"  # every other role (expression, mutation, ...) is omics: a candidate for feature selection
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One of a site's tables (site file ``[[tables]]``): where it is and how it joins on the patient id."""
+
+    path: Path
+    role: str = CLINICAL_ROLE
+    id: str | None = None  # id column of this table; None = [data] id (AnnData: the obs names)
+    orientation: str = "samples_by_genes"  # genes_by_samples: one row per gene, one column per patient
+    transforms: tuple[str, ...] = ()  # applied in order, per patient: cpm, log1p
+    drop: tuple[str, ...] = ()  # columns of this table never used
+    prefix: str = ""  # prepended to this table's column names (to resolve clashes)
+    obs: tuple[str, ...] | None = None  # AnnData: obs columns to bring in as clinical variables (None = all)
+
+    @property
+    def is_omics(self) -> bool:
+        return self.role != CLINICAL_ROLE
+
+
+@dataclass(frozen=True)
+class OmicsSelection:
+    """Federated feature selection (study ``[omics]``): rules applied to pooled per-feature statistics."""
+
+    max_missing_rate: float = 1.0  # drop a feature missing in more than this fraction of train patients (pooled)
+    min_variance: float = 0.0  # drop a feature whose pooled variance is at or below this
+    top_k: int = 0  # then keep the k most variable (0 = every feature that passed)
+    features: tuple[str, ...] = ()  # the study's order of omics features (and the only candidates); empty = by name
+
+
+def _parse_tables(raw: Any, source: str, base_dir: Path | None) -> tuple[TableSpec, ...]:
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"{source}: [[tables]] must list at least one table with path and role")
+    tables = []
+    for i, entry in enumerate(raw):
+        t = _Section(entry, f"tables #{i + 1}", source)
+        path = Path(t.get("path", str))
+        if base_dir is not None and not path.is_absolute():
+            path = (base_dir / path).resolve()
+        obs = t.get("obs", list, None)
+        if obs is not None:
+            if not all(isinstance(v, str) for v in obs):
+                raise ConfigError(f"{source}: [tables #{i + 1}] obs must be a list of strings")
+            obs = tuple(obs)
+        table = TableSpec(
+            path=path,
+            role=t.get("role", str, CLINICAL_ROLE),
+            id=t.get("id", str, None),
+            orientation=t.get("orientation", str, "samples_by_genes", choices=ORIENTATIONS),
+            transforms=t.strings("transforms"),
+            drop=t.strings("drop"),
+            prefix=t.get("prefix", str, ""),
+            obs=obs,
+        )
+        t.done()
+        bad = [x for x in table.transforms if x not in OMICS_TRANSFORMS]
+        if bad:
+            raise ConfigError(f"{source}: [tables #{i + 1}] transforms: unknown {bad[0]!r}; use {', '.join(OMICS_TRANSFORMS)}")
+        if table.transforms and not table.is_omics:
+            raise ConfigError(f"{source}: [tables #{i + 1}] transforms apply to omics tables only; set role (e.g. \"expression\")")
+        if not table.role.strip():
+            raise ConfigError(f"{source}: [tables #{i + 1}] role must not be empty")
+        if obs is not None and path.suffix.lower() != ".h5ad":
+            raise ConfigError(f"{source}: [tables #{i + 1}] obs applies to AnnData (.h5ad) tables only")
+        tables.append(table)
+    paths = [t.path for t in tables]
+    if len(set(paths)) != len(paths):
+        raise ConfigError(f"{source}: [[tables]] lists the same file twice")
+    return tuple(tables)
+
+
+def _check_table_ids(spec: DataSpec, source: str) -> None:
+    """Every table of several needs an id column (its own, [data] id, or an AnnData's obs names)."""
+    for i, table in enumerate(spec.tables):
+        if table.path.suffix.lower() != ".h5ad" and table.id is None and spec.id is None and len(spec.tables) > 1:
+            raise ConfigError(f"{source}: [tables #{i + 1}] has no id column; set [data] id = \"...\" or id in the table")
+        if table.orientation == "genes_by_samples" and table.path.suffix.lower() == ".h5ad":
+            raise ConfigError(f"{source}: [tables #{i + 1}] AnnData files are samples x genes; drop orientation")
+
+
+def _parse_omics(raw: Any, source: str) -> OmicsSelection:
+    o = _Section(raw, "omics", source)
+    selection = OmicsSelection(
+        max_missing_rate=o.get("max_missing_rate", float, 1.0),
+        min_variance=o.get("min_variance", float, 0.0),
+        top_k=o.get("top_k", int, 0),
+        features=o.strings("features"),
+    )
+    o.done()
+    if not 0.0 <= selection.max_missing_rate <= 1.0:
+        raise ConfigError(f"{source}: [omics] max_missing_rate must be between 0 and 1")
+    if selection.min_variance < 0 or selection.top_k < 0:
+        raise ConfigError(f"{source}: [omics] min_variance and top_k must be >= 0")
+    if len(set(selection.features)) != len(selection.features):
+        raise ConfigError(f"{source}: [omics] features lists a feature twice")
+    return selection

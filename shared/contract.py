@@ -19,6 +19,7 @@ from sklearn.model_selection import train_test_split
 from shared.config import SiteConfig
 from shared.errors import site_error
 from shared.preprocess import Standardizer, one_hot
+from shared.tables import read_tables
 
 log = logging.getLogger("fedhelix.data")
 
@@ -40,6 +41,9 @@ class SiteData:
     y_test: np.ndarray
     rows_dropped: int = 0
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    omics_features: tuple[str, ...] = ()  # features from omics tables (candidates of federated selection)
+    missing_rate: np.ndarray | None = None  # per feature, train split, before imputation
+    join_dropped: int = 0  # patients the join of the site's tables dropped
 
     @property
     def n_train(self) -> int:
@@ -88,6 +92,8 @@ def load_site_data(
     categories: Mapping[str, Sequence[str]] | None = None,
     feature_order: Sequence[str] | None = None,
     pooled: Standardizer | None = None,
+    select: bool = False,
+    scale: bool = True,
 ) -> SiteData:
     """Apply the whole contract to a site: read, check, split, impute, encode, normalise.
 
@@ -97,17 +103,27 @@ def load_site_data(
     put in that order and any difference is an error. ``pooled`` is the
     standardisation agreed through the secure statistics round; a site with
     ``normalize = "federated"`` stays unscaled until it has one.
+
+    With several tables (or an id), they are joined on the patient id first
+    (:mod:`shared.tables`). ``select`` (federated feature selection) keeps only
+    the omics features ``feature_order`` names; a site's extra omics columns are
+    dropped, missing omics values are imputed with the train mean instead of
+    dropping the patient. ``scale = False`` skips standardisation (the raw
+    values the selection statistics are computed on).
     """
     spec = site.data
     categories = categories or {}
-    source = str(spec.path)
-    frame = read_table(site)
+    source = str(spec.path) if len(spec.tables) < 2 else " + ".join(t.path.name for t in spec.tables)  # joined: name them all
     if spec.format == "smiles":  # molecules become graphs (RDKit/PyG imported only for them)
         from shared.molecule_data import load_molecule_data
 
-        return load_molecule_data(site, task, frame)  # type: ignore[return-value]
+        return load_molecule_data(site, task, read_table(site))  # type: ignore[return-value]
     if len(spec.labels) > 1:
         raise site_error(site.name, source, None, f"{len(spec.labels)} label columns in a table site", 'give one label; several labels need format = "smiles" and task = "multitask"')
+    joined = read_tables(site) if spec.tables or spec.id else None
+    frame = joined.frame if joined is not None else read_table(site)
+    omics = set(joined.omics_columns) if joined is not None else set()
+    id_columns = {spec.id, *(t.id for t in spec.tables)} - {None}
 
     def err(column: str | None, problem: str, fix: str):
         return site_error(site.name, source, column, problem, fix)
@@ -127,7 +143,8 @@ def load_site_data(
     if spec.split_column:
         need(spec.split_column, "split_column")
     for column in spec.drop:
-        need(column, "drop")
+        if column not in id_columns:  # an id is the join key, no longer a column
+            need(column, "drop")
 
     reserved = set(targets) | set(spec.drop) | ({spec.split_column} if spec.split_column else set())
     if spec.features:
@@ -136,6 +153,9 @@ def load_site_data(
         features = list(spec.features)
     else:
         features = [c for c in frame.columns if c not in reserved]
+    if select and feature_order is not None and omics:
+        wanted = set(feature_order)
+        features = [c for c in features if c in wanted or c not in omics]
     if not features:
         raise err(None, "no feature columns left", "list [data] features or stop dropping every column")
     for column in spec.categorical:
@@ -172,18 +192,19 @@ def load_site_data(
         role = "event" if task == "survival" else "label"
         raise err(spec.label, f"{role} must be 0/1, found {', '.join(seen) or 'no values'}", f"recode the {role} as 0 and 1")
     numeric = [c for c in features if c not in spec.categorical] + targets
-    values = frame[numeric].astype(float)
-    infinite = values.columns[np.isinf(values.to_numpy()).any(axis=0)]
+    floats = frame[numeric].select_dtypes(include="floating")  # ints and bools cannot be infinite
+    infinite = floats.columns[np.isinf(floats).any(axis=0).to_numpy()]  # per dtype block: no float64 copy of a wide matrix
+    del floats
     if len(infinite):
         raise err(str(infinite[0]), "contains infinite values", "replace them or remove those rows")
     if task == "survival":
-        negative = int((values[spec.time] < 0).sum())
+        negative = int((frame[spec.time].astype(float) < 0).sum())
         if negative:
             raise err(spec.time, f"{negative} negative survival time(s)", "times must be >= 0 (days since diagnosis)")
 
     # ---- missing values ----------------------------------------------------
     used = features + targets
-    missing = frame[used].isna()
+    missing = frame.isna()[used]
     warnings: list[str] = []
     dropped = 0
     if spec.missing == "none" and missing.to_numpy().any():
@@ -193,7 +214,10 @@ def load_site_data(
             f"{int(missing[column].sum())} missing value(s) while missing = \"none\"",
             'fill them, or set [data] missing = "drop" or "mean"',
         )
-    drop_mask = missing[targets].any(axis=1) if spec.missing == "mean" else missing.any(axis=1)
+    if spec.missing == "mean":
+        drop_mask = missing[targets].any(axis=1)
+    else:  # a missing omics value is imputed, never a reason to drop the patient
+        drop_mask = missing[[c for c in used if c not in omics]].any(axis=1) if omics else missing.any(axis=1)
     if drop_mask.any():
         dropped = int(drop_mask.sum())
         frame = frame.loc[~drop_mask]
@@ -233,10 +257,6 @@ def load_site_data(
     # ---- encode ----------------------------------------------------------------
     x_train_frame, names = _encode(train, features, spec.categorical, categories, err)
     x_test_frame, _ = _encode(test, features, spec.categorical, categories, err)
-    if spec.missing == "mean":
-        means = x_train_frame.mean(axis=0)
-        x_train_frame = x_train_frame.fillna(means).fillna(0.0)
-        x_test_frame = x_test_frame.fillna(means).fillna(0.0)
     if feature_order is not None:
         have, want = set(names), set(feature_order)
         missing_here = [f for f in feature_order if f not in have]
@@ -247,10 +267,21 @@ def load_site_data(
         x_train_frame, x_test_frame, names = x_train_frame[list(feature_order)], x_test_frame[list(feature_order)], list(feature_order)
     x_train = x_train_frame.to_numpy(dtype=np.float32)
     x_test = x_test_frame.to_numpy(dtype=np.float32)
+    del x_train_frame, x_test_frame
+    missing_rate = np.isnan(x_train).mean(axis=0)
+    if missing_rate.any() or np.isnan(x_test).any():  # missing = "mean", or omics values: train-split means
+        with np.errstate(all="ignore"):
+            means = np.nan_to_num(np.nanmean(x_train, axis=0), nan=0.0)
+        x_train = np.where(np.isnan(x_train), means, x_train).astype(np.float32, copy=False)
+        x_test = np.where(np.isnan(x_test), means, x_test).astype(np.float32, copy=False)
     scaler = Standardizer.fit(x_train) if spec.normalize == "site" else pooled if spec.normalize == "federated" else None
+    if not scale:
+        scaler = None
     if scaler is not None:
         x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
 
+    if joined is not None:
+        warnings[:0] = joined.messages
     for message in warnings:
         log.warning("site '%s': %s", site.name, message)
     return SiteData(
@@ -262,6 +293,9 @@ def load_site_data(
         y_test=_targets(test, task, spec.label, spec.time),
         rows_dropped=dropped,
         warnings=tuple(warnings),
+        omics_features=tuple(n for n in names if n in omics),
+        missing_rate=missing_rate,
+        join_dropped=joined.dropped if joined is not None else 0,
     )
 
 
@@ -278,7 +312,7 @@ def _encode(part: pd.DataFrame, features, categorical, categories, err) -> tuple
             run.append(column)
             continue
         if run:
-            blocks.append(part[run].astype(float))
+            blocks.append(part[run].astype(np.float32))  # float32 like the model; half the memory of a wide matrix
             run = []
         if column is not None:
             levels = list(categories[column])

@@ -14,7 +14,7 @@ from shared.config import ModelOptions, PrivacyConfig, StudyConfig
 
 PLAN_KEY = "fedhelix.plan"
 ROUND_KEY = "fedhelix.round"
-STAGE_KEY = "fedhelix.stage"  # "stats" for the secure statistics round, absent for training
+STAGE_KEY = "fedhelix.stage"  # "stats" / "select" for the secure statistics rounds, absent for training
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,10 @@ class TrainingPlan:
     # Pooled standardisation from the secure statistics round (normalize = "federated"):
     # per agreed feature, the mean and scale every site uses.
     normalization: dict[str, list[float]] = field(default_factory=dict)
+    # Federated feature selection (study [omics]): its rules, and in the selection round the
+    # candidate omics features, in the study's order, each site reports statistics for.
+    selection: dict = field(default_factory=dict)
+    candidates: list[str] = field(default_factory=list)
 
     @classmethod
     def from_study(cls, study: StudyConfig, features: list[str] | None = None, labels: list[str] | None = None) -> TrainingPlan:
@@ -62,6 +66,7 @@ class TrainingPlan:
             secure_aggregation=study.secure.enabled,
             update_bound=study.update_bound,
             stats_bound=study.secure.stats_bound,
+            selection=asdict(study.omics) if study.omics else {},
         )
 
     def to_json(self) -> str:

@@ -27,7 +27,9 @@ class Standardizer:
         return cls.from_moments(m[: x.shape[1]], m[x.shape[1] :], is_indicator(x))
 
     def transform(self, x: np.ndarray) -> np.ndarray:
-        return ((x - self.mean) / self.scale).astype(np.float32)
+        out = np.subtract(x, self.mean, dtype=np.float32)
+        out /= self.scale  # in place: one copy of a wide matrix, not three
+        return out
 
     @classmethod
     def from_moments(cls, mean: np.ndarray, mean_sq: np.ndarray, indicator: np.ndarray) -> Standardizer:
@@ -45,8 +47,13 @@ def is_indicator(x: np.ndarray) -> np.ndarray:
 
 def moments(x: np.ndarray) -> np.ndarray:
     """Per-feature mean and mean of squares, concatenated: what a site adds to the secure sum."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.concatenate([x.mean(axis=0), np.square(x).mean(axis=0)])
+    x = np.asarray(x)
+    total, total_sq = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    for start in range(0, len(x), 1024):  # float64 sums in row blocks: no float64 copy of a wide matrix
+        block = x[start : start + 1024].astype(np.float64)
+        total += block.sum(axis=0)
+        total_sq += np.square(block).sum(axis=0)
+    return np.concatenate([total / len(x), total_sq / len(x)])
 
 
 def one_hot(values: pd.Series, column: str, levels: Sequence[str]) -> pd.DataFrame:
