@@ -19,7 +19,7 @@ from sklearn.model_selection import train_test_split
 from shared.config import SiteConfig
 from shared.errors import site_error
 from shared.preprocess import Standardizer, one_hot
-from shared.tables import read_tables
+from shared.tables import read_frame, read_tables
 
 log = logging.getLogger("fedhelix.data")
 
@@ -63,21 +63,9 @@ def read_table(site: SiteConfig) -> pd.DataFrame:
         raise err(f"unsupported file type '{path.suffix}'", "use .csv, .tsv or .parquet")
     if not path.is_file():
         raise err("file not found", "check [data] path in the site file (relative paths start at the site file)")
-    try:
-        if kind == "parquet":
-            frame = pd.read_parquet(path)
-        else:
-            frame = pd.read_csv(path, sep="," if kind == "csv" else "\t")
-    except pd.errors.EmptyDataError:
-        raise err("the file is empty", "export the table again with a header row") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise err(f"cannot be parsed ({first})", "export it again as a well-formed table with one header row") from None
+    frame = read_frame(site, path, kind)
     if frame.empty:
         raise err("the table has no rows", "point the site file at the table holding the patients")
-    if frame.columns.duplicated().any():
-        dup = frame.columns[frame.columns.duplicated()][0]
-        raise err(f"duplicate column name '{dup}'", "give every column a unique name")
     return frame
 
 

@@ -43,8 +43,8 @@ def _shown(values, n: int = 3) -> str:
     return ", ".join(repr(str(v)) for v in list(values)[:n])
 
 
-def _read_raw(site: SiteConfig, table: TableSpec, kind: str) -> pd.DataFrame:
-    path = table.path
+def read_frame(site: SiteConfig, path: Path, kind: str) -> pd.DataFrame:
+    """One CSV/TSV/Parquet file into a frame, or one clear line naming the site and file."""
     err = lambda problem, fix: site_error(site.name, str(path), None, problem, fix)  # noqa: E731
     try:
         if kind == "parquet":
@@ -107,7 +107,7 @@ def read_one(site: SiteConfig, table: TableSpec, single: bool) -> tuple[pd.DataF
     if kind == "h5ad":
         clinical, omics = _read_h5ad(site, table)
     else:
-        frame = _read_raw(site, table, kind)
+        frame = read_frame(site, table.path, kind)
         if table.orientation == "genes_by_samples":
             # First column: feature names; every other column: one patient.
             features = frame.iloc[:, 0].astype(str)
