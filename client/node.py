@@ -15,7 +15,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from shared.config import SiteConfig, load_site
 from shared.contract import load_site_data
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import apply_flower_env
+from shared.kits import read_kit
 from shared.pki import (
     CertificateError,
     check_issued_by,
@@ -61,15 +61,8 @@ class NodeKit:
 
 
 def load_node_kit(path: Path) -> NodeKit:
-    path = Path(path).resolve()
-    config = path / "node.toml"
-    if not config.is_file():
-        raise ConfigError(f"{path} is not a site kit (node.toml missing); use the kits/<site> directory from `fedhelix provision`")
-    node = tomllib.loads(config.read_text()).get("node", {})
-    try:
-        return NodeKit(path, str(node["consortium"]), str(node["site"]), str(node["server_address"]))
-    except KeyError as err:
-        raise ConfigError(f"{config}: [node] {err.args[0]} is missing") from None
+    path, node = read_kit(path, "node.toml", "node", ("consortium", "site", "server_address"))
+    return NodeKit(path, str(node["consortium"]), str(node["site"]), str(node["server_address"]))
 
 
 def check_kit(kit: NodeKit) -> x509.Certificate:

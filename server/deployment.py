@@ -17,7 +17,6 @@ import ssl
 import subprocess
 import sys
 import time
-import tomllib
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from pathlib import Path
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import apply_flower_env
 from shared.flower_polling import FAST, TASK_POLL_ENV
+from shared.kits import read_kit
 from shared.paths import PROJECT_ROOT
 from shared.pki import check_validity, load_certificate, split_address
 
@@ -62,16 +62,9 @@ class ServerKit:
 
 
 def load_server_kit(path: Path) -> ServerKit:
-    path = Path(path).resolve()
-    config = path / "server.toml"
-    if not config.is_file():
-        raise ConfigError(f"{path} is not a server kit (server.toml missing); use kits/server from `fedhelix provision`")
-    s = tomllib.loads(config.read_text()).get("server", {})
-    try:
-        database = Path(str(s["database"]))
-        return ServerKit(path, str(s["consortium"]), str(s["listen"]), int(s["link_port"]), database if database.is_absolute() else path / database)
-    except KeyError as err:
-        raise ConfigError(f"{config}: [server] {err.args[0]} is missing") from None
+    path, s = read_kit(path, "server.toml", "server", ("consortium", "listen", "link_port", "database"))
+    database = Path(str(s["database"]))
+    return ServerKit(path, str(s["consortium"]), str(s["listen"]), int(s["link_port"]), database if database.is_absolute() else path / database)
 
 
 def check_server_kit(kit: ServerKit) -> None:

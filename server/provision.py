@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,20 +196,6 @@ def _site_kit(config: ConsortiumConfig, out: Path, site: str, ca: Identity, admi
 
 def _readme(kit: Path, text: str) -> None:
     write_public(kit / "README.md", text.encode())
-
-
-def read_kit_toml(kit: Path, filename: str, table: str) -> dict[str, object]:
-    """A kit's config file, with a clear error when the directory is not that kind of kit."""
-    path = Path(kit) / filename
-    if not path.is_file():
-        raise ConfigError(f"{kit} is not a {table} kit ({filename} missing); run `fedhelix provision` and use kits/{table}")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{path} is not valid TOML: {err}") from None
-    if table not in doc:
-        raise ConfigError(f"{path}: the [{table}] section is missing")
-    return doc[table]
 
 
 SERVER_README = """# {name}: server kit

@@ -14,7 +14,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import tomllib
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +32,8 @@ from shared.approval import (
     study_digest,
 )
 from shared.config import load_study
-from shared.errors import ConfigError, FedhelixError
+from shared.errors import FedhelixError
+from shared.kits import read_kit
 from shared.paths import PROJECT_ROOT
 from shared.pki import check_issued_by, check_validity, load_certificate, load_identity
 
@@ -46,15 +46,8 @@ class AdminKit:
 
 
 def load_admin_kit(path: Path) -> AdminKit:
-    path = Path(path).resolve()
-    config = path / "admin.toml"
-    if not config.is_file():
-        raise ConfigError(f"{path} is not an admin kit (admin.toml missing); use kits/admin from `fedhelix provision`")
-    a = tomllib.loads(config.read_text()).get("admin", {})
-    try:
-        return AdminKit(path, str(a["consortium"]), str(a["control_address"]))
-    except KeyError as err:
-        raise ConfigError(f"{config}: [admin] {err.args[0]} is missing") from None
+    path, a = read_kit(path, "admin.toml", "admin", ("consortium", "control_address"))
+    return AdminKit(path, str(a["consortium"]), str(a["control_address"]))
 
 
 @dataclass(frozen=True)
