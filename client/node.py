@@ -35,7 +35,8 @@ from shared.pki import (
     split_address,
 )
 
-EXIT_NODE_NOT_REGISTERED = 305  # flwr's exit code when the SuperLink rejects the node key
+# Flower logs this when the SuperLink rejects the node key (its process exits with status 1).
+FLOWER_NOT_REGISTERED = b"Exit Code: 305"
 
 
 @dataclass(frozen=True)
@@ -163,10 +164,16 @@ def run_node(plan: NodePlan) -> int:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]))
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec, flwr-clientapp
     # Own process groups: stopping the node stops Flower's SuperExec / the launcher and every ClientApp.
-    proc = subprocess.Popen(plan.command, env=env, start_new_session=True)
+    proc = subprocess.Popen(plan.command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     helpers = [subprocess.Popen(plan.launcher, env=env, start_new_session=True)] if plan.launcher else []
     previous = signal.signal(signal.SIGTERM, lambda *_: [_stop_group(p) for p in (proc, *helpers)])
+    refused_key = False
     try:
+        assert proc.stdout is not None
+        for raw in proc.stdout:  # pass Flower's log through, watching for its exit code (the status itself is 1)
+            sys.stdout.buffer.write(raw)
+            sys.stdout.flush()
+            refused_key = refused_key or FLOWER_NOT_REGISTERED in raw
         code = proc.wait()
         if code < 0:  # stopped by a signal (SIGTERM from systemd, Ctrl-C): a clean stop
             code = 0
@@ -176,7 +183,7 @@ def run_node(plan: NodePlan) -> int:
         for p in (proc, *helpers):
             _stop_group(p)
         signal.signal(signal.SIGTERM, previous)
-    if code == EXIT_NODE_NOT_REGISTERED:
+    if refused_key:
         raise FedhelixError(
             f"the server refused this node's key: site '{plan.kit.site}' is not on the consortium's allow-list; "
             f"ask the consortium admin to register {plan.kit.path / 'node.pub'}"
