@@ -4,9 +4,11 @@ Plain training runs PyG's sparse mini-batches. DP-SGD needs one gradient per
 *molecule*: Opacus would take the atoms inside a message-passing layer for the
 batch (clipping per atom, or failing on unequal sizes; opacus #588, #841), so
 each Poisson-sampled batch is padded into dense graphs (at most ``max_atoms``
-atoms, a public cap) and ``torch.func.vmap(grad(...))`` gives every molecule's
-gradient of the *same* parameters; :func:`client.privacy.dpsgd.noisy_step` clips,
-sums and noises them like any other model's.
+atoms, a public cap) read with the *same* parameters. Every parameter sits in a
+Linear layer, so :func:`client.privacy.dpsgd.noisy_step` takes its Linear fast
+path: a molecule's gradient of a layer is the sum over its atoms of output-gradient
+times input outer products, whose norm is computed without materialising it
+(one forward, one backward); it then clips, sums and noises like any other model's.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import logging
 
 import numpy as np
 import torch
+from torch import nn
+from torch_geometric.nn.dense.linear import Linear as PyGLinear
 
 from client.privacy.budget import DPRound
-from client.privacy.dpsgd import noisy_step, poisson_batch
+from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
 from client.trainer import _optimizer, batches, derived_seed, dp_seed
 from shared.errors import ConfigError
 from shared.gnn import DenseBatch, DenseView, MoleculeGNN, dense_batch, sparse_batch
@@ -58,6 +62,11 @@ def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, ser
     return {"train_loss": total / max(count, 1)}
 
 
+def molecule_layers(dense: DenseView) -> list[nn.Module] | None:
+    """The dense GNN's Linear layers (``nn.Linear`` and PyG's inside ``GraphConv``), or ``None`` for vmap."""
+    return linear_layers(dense, (nn.Linear, PyGLinear))
+
+
 def _empty_dense() -> DenseBatch:
     return torch.zeros(0, 1, len(ATOM_FEATURES)), torch.zeros(0, 1, 1), torch.zeros(0, 1, dtype=torch.bool)
 
@@ -73,6 +82,7 @@ def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRou
     graphs = [data.graphs_train[i] for i in eligible]
     y = y[torch.tensor(eligible, dtype=torch.long)]
     dense = DenseView(model)
+    layers = molecule_layers(dense)
     loss_fn = per_sample_loss(plan.task)
     expected = dp.sample_rate * len(graphs)
     model.train()
@@ -82,7 +92,7 @@ def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRou
         noisy_step(
             dense, optimizer, loss_fn, inputs, y[idx],
             max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier,
-            expected_batch_size=expected, noise=noise, layers=None,
+            expected_batch_size=expected, noise=noise, layers=layers,
         )  # fmt: skip
     return {}  # no train loss under DP (an un-noised statistic of private rows)
 

@@ -7,6 +7,10 @@ Two exact routes to the sum of per-sample clipped gradients:
   of sample i for that layer is the outer product ``g_i a_i^T`` of the layer's
   output gradient and input. Its norm is ``|g_i| |a_i|`` and the clipped sum is
   ``(c * G)^T A``: one forward, one backward, no per-sample gradient tensors.
+  A layer may also see several rows per sample (``[B, T, in]``: the atoms of a
+  padded molecule): sample i's gradient is then ``G_i^T A_i``, summed over its
+  rows, with squared norm ``<A_i A_i^T, G_i G_i^T>`` (the "ghost norm", for
+  few rows) or ``|G_i^T A_i|^2`` (for many), whichever is cheaper.
 * **Generic path**: ``torch.func.vmap(grad(...))`` per-sample gradients, for any model.
 
 Both are checked against a slow one-sample-at-a-time reference in the tests.
@@ -26,9 +30,13 @@ from torch import nn
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def linear_layers(model: nn.Module) -> list[nn.Linear] | None:
-    """The Linear layers holding every trainable tensor (fast path), or ``None`` (generic path)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False))]
+def linear_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> list[nn.Module] | None:
+    """The Linear layers holding every trainable tensor (fast path), or ``None`` (generic path).
+
+    ``types`` names the modules that compute ``a @ weight.T + bias`` over the last
+    dimension (e.g. PyG's ``Linear`` as well); each must be applied once per forward.
+    """
+    layers = [m for m in model.modules() if isinstance(m, types) and any(p.requires_grad for p in m.parameters(recurse=False))]
     covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
     if any(p.requires_grad and id(p) not in covered for p in model.parameters()):
         return None
@@ -40,34 +48,58 @@ def _clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> tuple[torch.T
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), norms
 
 
+def _layer_sq_norms(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared gradient norm of one Linear layer from its inputs ``a`` and output gradients ``g``."""
+    weight = layer.weight.requires_grad
+    bias = layer.bias is not None and layer.bias.requires_grad
+    if a.ndim == 2:
+        g_norm = torch.linalg.vector_norm(g, dim=1)  # faster here than pow(2).sum(1)
+        sq = (torch.linalg.vector_norm(a, dim=1) * g_norm).square() if weight else torch.zeros_like(g_norm)  # |g_i a_i^T| = |g_i| |a_i|
+        return sq + g_norm.square() if bias else sq
+    rows, n_in, n_out = a.shape[1], a.shape[2], g.shape[2]
+    sq = torch.zeros(a.shape[0], dtype=a.dtype)
+    if weight and rows * (n_in + n_out) < n_in * n_out:  # ghost norm: <A A^T, G G^T>, no [B, out, in] tensor
+        sq = sq + (torch.bmm(a, a.mT) * torch.bmm(g, g.mT)).sum((1, 2))
+    elif weight:
+        sq = sq + torch.bmm(g.mT, a).square().sum((1, 2))
+    return sq + g.sum(1).square().sum(1) if bias else sq
+
+
 def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm):
-    """Per layer: inputs A and output gradients G; per sample: clip factors and norms."""
-    inputs: dict[nn.Linear, torch.Tensor] = {}
-    outputs: dict[nn.Linear, torch.Tensor] = {}
+    """Per layer: inputs A and output gradients G (rows of all samples); per sample: clip factors and norms."""
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    outputs: dict[nn.Module, torch.Tensor] = {}
 
     def keep(module, args, output):
+        if module in inputs:  # a second call would overwrite the first's input: the sums would be wrong
+            raise ValueError("the Linear fast path needs every layer applied once per forward")
         inputs[module] = args[0].detach()
         outputs[module] = output
 
+    rows = _rows(x)
     handles = [layer.register_forward_hook(keep) for layer in layers]
     try:
-        losses = loss_fn(model(x), y)
+        losses = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
     finally:
         for handle in handles:
             handle.remove()
     out_grads = torch.autograd.grad(losses.sum(), [outputs[layer] for layer in layers])
-    sq = torch.zeros(x.shape[0], dtype=x.dtype)
+    sq = torch.zeros(rows, dtype=losses.dtype)
+    scaled_layers = []
     for layer, g in zip(layers, out_grads):
         a = inputs[layer]
-        if a.ndim != 2:
-            raise ValueError("the Linear fast path needs 2-D layer inputs")
-        g_norm = torch.linalg.vector_norm(g, dim=1)  # faster here than pow(2).sum(1)
-        if layer.weight.requires_grad:  # |g_i a_i^T|_F = |g_i| |a_i|
-            sq = sq + (torch.linalg.vector_norm(a, dim=1) * g_norm).square()
-        if layer.bias is not None and layer.bias.requires_grad:
-            sq = sq + g_norm.square()
+        if a.ndim < 2 or a.shape[0] != rows:
+            raise ValueError("the Linear fast path needs layer inputs whose first dimension is the sample")
+        if a.ndim > 3:
+            a, g = a.reshape(rows, -1, a.shape[-1]), g.reshape(rows, -1, g.shape[-1])
+        sq = sq + _layer_sq_norms(layer, a, g)
+        scaled_layers.append((layer, a, g))
     factors, norms = _clip_factors(sq, max_grad_norm)
-    return [(layer, inputs[layer], g * factors.unsqueeze(1)) for layer, g in zip(layers, out_grads)], norms
+    out = []
+    for layer, a, g in scaled_layers:
+        scaled = g * factors.view(-1, *([1] * (g.ndim - 1)))
+        out.append((layer, a.reshape(-1, a.shape[-1]), scaled.reshape(-1, g.shape[-1])))  # rows of all samples
+    return out, norms
 
 
 def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm):
@@ -107,17 +139,22 @@ def _vmap_clipped_sum(model, loss_fn, x, y, max_grad_norm):
     return grads, norms
 
 
-def clipped_grad_sum(model: nn.Module, loss_fn: PerSampleLoss, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float, *, route: str = "auto"):
+def clipped_grad_sum(
+    model: nn.Module, loss_fn: PerSampleLoss, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, max_grad_norm: float,
+    *, route: str = "auto", layers: list[nn.Module] | None = None,
+):  # fmt: skip
     """Sum over the batch of per-sample gradients clipped to ``max_grad_norm``.
 
     Returns ``({parameter: summed clipped gradient}, per-sample gradient norms before clipping)``.
     ``loss_fn`` must return one loss per row (a batch-coupled loss is not DP-valid).
     ``x`` may be a tuple of per-sample inputs (the model is called as ``model(*x)``);
-    those always take the generic path.
+    those take the generic path unless ``route="linear"`` (with ``layers`` for layer
+    types other than ``nn.Linear``).
     """
-    if isinstance(x, tuple):
+    if isinstance(x, tuple) and route == "auto":
         route = "vmap"
-    layers = linear_layers(model) if route in ("auto", "linear") else None
+    if layers is None and route in ("auto", "linear"):
+        layers = linear_layers(model)
     if route == "linear" and layers is None:
         raise ValueError("model has trainable tensors outside nn.Linear layers")
     if layers is not None:
@@ -136,14 +173,15 @@ def noisy_step(
     noise_multiplier: float,
     expected_batch_size: float,
     noise: torch.Generator,
-    layers: list[nn.Linear] | None | str = "find",
+    layers: list[nn.Module] | None | str = "find",
 ) -> None:
     """One DP-SGD step on an (already Poisson-sampled, possibly empty) batch.
 
     Each gradient is ``(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / (q n)``.
     On the Linear fast path noise, clipped sum and scaling are fused into one
     ``addmm`` per weight, so the step costs little more than a plain one.
-    ``x`` may be a tuple of per-sample inputs (e.g. padded graphs); pass ``layers=None`` then.
+    ``x`` may be a tuple of per-sample inputs (e.g. padded graphs): those take the
+    generic path unless ``layers`` lists the model's Linear layers explicitly.
     """
     params = [p for p in model.parameters() if p.requires_grad]
     std = noise_multiplier * max_grad_norm
@@ -154,7 +192,7 @@ def noisy_step(
     for p in params:
         chunks[p] = gaussian[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
-    if isinstance(x, tuple):  # several inputs per sample: only the generic path applies
+    if isinstance(x, tuple) and isinstance(layers, str):  # several inputs per sample: generic unless layers are named
         layers = None
     if isinstance(layers, str):  # callers looping over steps pass linear_layers(model) once
         layers = linear_layers(model)
