@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from client.graph_trainer import molecule_layers
+from client.graph_trainer import atom_rows, molecule_dp_step, molecule_layers
 from client.privacy.dpsgd import clipped_grad_sum, noisy_step
 from shared.config import ModelOptions
 from shared.gnn import DenseView, dense_batch, sparse_batch
@@ -70,7 +70,9 @@ def test_per_molecule_clipped_sum_equals_the_one_molecule_reference(task: str, c
 
 
 # Width 12: per-molecule norms from materialised [out, in] gradients; width 64: ghost norms
-# (few atoms per molecule against wide layers). Molecules have 1 to 13 atoms, so most are padded.
+# (few atoms per molecule against wide layers). Molecules have 1 to 13 atoms, so most are padded
+# (dense layout: in the batch; sparse layout, what training runs: for the norms only).
+@pytest.mark.parametrize("layout", ["sparse", "dense"])
 @pytest.mark.parametrize(
     ("task", "conv", "pooling", "width"),
     [
@@ -78,15 +80,18 @@ def test_per_molecule_clipped_sum_equals_the_one_molecule_reference(task: str, c
         ("binary", "gin", "mean", 64), ("multitask", "graphconv", "add", 12), ("multitask", "gin", "mean", 64),
     ],
 )  # fmt: skip
-def test_linear_fast_path_per_molecule_clipped_sum_equals_the_one_molecule_reference(task: str, conv: str, pooling: str, width: int) -> None:
+def test_linear_fast_path_per_molecule_clipped_sum_equals_the_one_molecule_reference(task: str, conv: str, pooling: str, width: int, layout: str) -> None:
     model, graphs, y, loss_fn = _case(task, conv, pooling, width)
-    dense = DenseView(model)
-    layers = molecule_layers(dense)
+    layers = molecule_layers(model)
     assert layers is not None  # every trainable tensor of the GNN sits in a Linear layer
     _, raw = reference(model, graphs, y, loss_fn, float("inf"))
     clip = float(np.median(raw))
     ref, ref_norms = reference(model, graphs, y, loss_fn, clip)
-    fast, norms = clipped_grad_sum(dense, loss_fn, dense_batch(graphs), y, clip, route="linear", layers=layers)
+    if layout == "sparse":
+        batch = sparse_batch(graphs)
+        fast, norms = clipped_grad_sum(model, loss_fn, batch, y, clip, route="linear", layers=layers, row_samples=atom_rows(model, layers, batch[2]))
+    else:
+        fast, norms = clipped_grad_sum(DenseView(model), loss_fn, dense_batch(graphs), y, clip, route="linear", layers=layers)
     assert (ref_norms > clip).sum() >= 2 and (ref_norms < clip).sum() >= 2
     assert np.allclose(norms.numpy(), ref_norms, rtol=1e-4, atol=1e-6)
     assert set(fast) == set(ref)
@@ -116,19 +121,26 @@ def test_a_molecule_is_one_privacy_unit_however_many_atoms_it_has() -> None:
     assert norms.shape == (len(graphs),)  # one norm per molecule, not per atom
 
 
-@pytest.mark.parametrize(("conv", "fast"), [("gin", False), ("gin", True), ("graphconv", True)])
-def test_noisy_step_without_noise_moves_the_gnn_by_the_clipped_reference_sum(conv: str, fast: bool) -> None:
+@pytest.mark.parametrize(("conv", "route"), [("gin", "vmap"), ("gin", "fast"), ("graphconv", "fast")])
+def test_dp_step_without_noise_moves_the_gnn_by_the_clipped_reference_sum(conv: str, route: str) -> None:
     model, graphs, y, loss_fn = _case("multitask", conv, "mean")
     clip, lr, expected = 0.5, 0.1, 6.0
     ref, norms = reference(model, graphs, y, loss_fn, clip)
     assert (norms > clip).any() and (norms < clip).any()
     before = {p: p.detach().clone() for p in ref}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
-    dense = DenseView(model)
-    layers = molecule_layers(dense) if fast else None
-    noisy_step(dense, optimizer, loss_fn, dense_batch(graphs), y, max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=expected, noise=torch.Generator().manual_seed(0), layers=layers)
+    layers = molecule_layers(model) if route == "fast" else None  # None: dense padded graphs + vmap(grad)
+    molecule_dp_step(model, layers, optimizer, loss_fn, graphs, y, max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=expected, noise=torch.Generator().manual_seed(0), max_atoms=64)
     for p, g in ref.items():
         assert torch.allclose(p.detach(), before[p] - lr * g / expected, rtol=1e-4, atol=1e-6)
+
+
+def test_dp_step_on_an_empty_batch_is_pure_noise() -> None:
+    model, _, y, loss_fn = _case("regression", "graphconv", "add")
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    molecule_dp_step(model, molecule_layers(model), optimizer, loss_fn, [], y[:0], max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4.0, noise=torch.Generator().manual_seed(0), max_atoms=64)
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 
 def test_dense_batch_refuses_molecules_above_the_public_cap() -> None:

@@ -10,7 +10,10 @@ Two exact routes to the sum of per-sample clipped gradients:
   A layer may also see several rows per sample (``[B, T, in]``: the atoms of a
   padded molecule): sample i's gradient is then ``G_i^T A_i``, summed over its
   rows, with squared norm ``<A_i A_i^T, G_i G_i^T>`` (the "ghost norm", for
-  few rows) or ``|G_i^T A_i|^2`` (for many), whichever is cheaper.
+  few rows) or ``|G_i^T A_i|^2`` (for many), whichever is cheaper. The rows
+  may also come unpadded with an index naming each row's sample (``row_samples``:
+  the atoms of a PyG sparse batch and its ``batch`` vector); they are padded
+  only for the norms, and the clipped sum is still ``(c * G)^T A`` over rows.
 * **Generic path**: ``torch.func.vmap(grad(...))`` per-sample gradients, for any model.
 
 Both are checked against a slow one-sample-at-a-time reference in the tests.
@@ -65,7 +68,20 @@ def _layer_sq_norms(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch
     return sq + g.sum(1).square().sum(1) if bias else sq
 
 
-def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm):
+def _padding(owner: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Position of each row within its sample (rows of a sample contiguous, as in PyG's ``batch``) and the most rows."""
+    counts = torch.bincount(owner, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(owner.shape[0]) - starts[owner], int(counts.max()) if n else 0
+
+
+def _padded(t: torch.Tensor, owner: torch.Tensor, local: torch.Tensor, n: int, most: int) -> torch.Tensor:
+    out = t.new_zeros(n, most, t.shape[-1])
+    out[owner, local] = t
+    return out
+
+
+def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm, row_samples=None):
     """Per layer: inputs A and output gradients G (rows of all samples); per sample: clip factors and norms."""
     inputs: dict[nn.Module, torch.Tensor] = {}
     outputs: dict[nn.Module, torch.Tensor] = {}
@@ -76,7 +92,7 @@ def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm):
         inputs[module] = args[0].detach()
         outputs[module] = output
 
-    rows = _rows(x)
+    rows = int(y.shape[0])
     handles = [layer.register_forward_hook(keep) for layer in layers]
     try:
         losses = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
@@ -85,25 +101,36 @@ def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm):
             handle.remove()
     out_grads = torch.autograd.grad(losses.sum(), [outputs[layer] for layer in layers])
     sq = torch.zeros(rows, dtype=losses.dtype)
-    scaled_layers = []
+    owners = row_samples or {}
+    paddings: dict[int, tuple[torch.Tensor, int]] = {}
+    kept = []
     for layer, g in zip(layers, out_grads):
-        a = inputs[layer]
-        if a.ndim < 2 or a.shape[0] != rows:
+        a, owner = inputs[layer], owners.get(layer)
+        if owner is not None:  # unpadded rows, owner[r] = the sample of row r
+            if a.ndim != 2 or a.shape[0] != owner.shape[0]:
+                raise ValueError("row_samples must name the sample of every input row of its layer")
+            local, most = paddings.setdefault(id(owner), _padding(owner, rows))
+            sq = sq + _layer_sq_norms(layer, _padded(a, owner, local, rows, most), _padded(g, owner, local, rows, most))
+        elif a.ndim < 2 or a.shape[0] != rows:
             raise ValueError("the Linear fast path needs layer inputs whose first dimension is the sample")
-        if a.ndim > 3:
-            a, g = a.reshape(rows, -1, a.shape[-1]), g.reshape(rows, -1, g.shape[-1])
-        sq = sq + _layer_sq_norms(layer, a, g)
-        scaled_layers.append((layer, a, g))
+        else:
+            if a.ndim > 3:
+                a, g = a.reshape(rows, -1, a.shape[-1]), g.reshape(rows, -1, g.shape[-1])
+            sq = sq + _layer_sq_norms(layer, a, g)
+        kept.append((layer, a, g, owner))
     factors, norms = _clip_factors(sq, max_grad_norm)
     out = []
-    for layer, a, g in scaled_layers:
-        scaled = g * factors.view(-1, *([1] * (g.ndim - 1)))
+    for layer, a, g, owner in kept:
+        if owner is not None:
+            scaled = g * factors[owner].unsqueeze(1)
+        else:
+            scaled = g * factors.view(-1, *([1] * (g.ndim - 1)))
         out.append((layer, a.reshape(-1, a.shape[-1]), scaled.reshape(-1, g.shape[-1])))  # rows of all samples
     return out, norms
 
 
-def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm):
-    scaled_layers, norms = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm)
+def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm, row_samples=None):
+    scaled_layers, norms = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm, row_samples)
     grads: dict[nn.Parameter, torch.Tensor] = {}
     for layer, a, scaled in scaled_layers:
         if layer.weight.requires_grad:
@@ -141,7 +168,7 @@ def _vmap_clipped_sum(model, loss_fn, x, y, max_grad_norm):
 
 def clipped_grad_sum(
     model: nn.Module, loss_fn: PerSampleLoss, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, max_grad_norm: float,
-    *, route: str = "auto", layers: list[nn.Module] | None = None,
+    *, route: str = "auto", layers: list[nn.Module] | None = None, row_samples: dict[nn.Module, torch.Tensor] | None = None,
 ):  # fmt: skip
     """Sum over the batch of per-sample gradients clipped to ``max_grad_norm``.
 
@@ -149,7 +176,8 @@ def clipped_grad_sum(
     ``loss_fn`` must return one loss per row (a batch-coupled loss is not DP-valid).
     ``x`` may be a tuple of per-sample inputs (the model is called as ``model(*x)``);
     those take the generic path unless ``route="linear"`` (with ``layers`` for layer
-    types other than ``nn.Linear``).
+    types other than ``nn.Linear``, and ``row_samples`` for layers whose input rows
+    are not samples: ``{layer: sample index of each row}``).
     """
     if isinstance(x, tuple) and route == "auto":
         route = "vmap"
@@ -158,7 +186,7 @@ def clipped_grad_sum(
     if route == "linear" and layers is None:
         raise ValueError("model has trainable tensors outside nn.Linear layers")
     if layers is not None:
-        return _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm)
+        return _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm, row_samples)
     return _vmap_clipped_sum(model, loss_fn, x, y, max_grad_norm)
 
 
@@ -174,6 +202,7 @@ def noisy_step(
     expected_batch_size: float,
     noise: torch.Generator,
     layers: list[nn.Module] | None | str = "find",
+    row_samples: dict[nn.Module, torch.Tensor] | None = None,
 ) -> None:
     """One DP-SGD step on an (already Poisson-sampled, possibly empty) batch.
 
@@ -181,7 +210,9 @@ def noisy_step(
     On the Linear fast path noise, clipped sum and scaling are fused into one
     ``addmm`` per weight, so the step costs little more than a plain one.
     ``x`` may be a tuple of per-sample inputs (e.g. padded graphs): those take the
-    generic path unless ``layers`` lists the model's Linear layers explicitly.
+    generic path unless ``layers`` lists the model's Linear layers explicitly, with
+    ``row_samples`` naming the sample of each input row where rows are not samples
+    (e.g. atoms of a PyG sparse batch: ``{layer: batch}``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     std = noise_multiplier * max_grad_norm
@@ -196,9 +227,9 @@ def noisy_step(
         layers = None
     if isinstance(layers, str):  # callers looping over steps pass linear_layers(model) once
         layers = linear_layers(model)
-    rows = _rows(x)
+    rows = int(y.shape[0])
     if layers is not None and rows:
-        scaled_layers, _ = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm)
+        scaled_layers, _ = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm, row_samples)
         for layer, a, scaled in scaled_layers:
             if layer.weight.requires_grad:
                 layer.weight.grad = torch.addmm(chunks.pop(layer.weight), scaled.T, a, beta=std * scale, alpha=scale)
