@@ -25,7 +25,7 @@ from torch_geometric.nn.dense.linear import Linear as PyGLinear
 
 from client.privacy.budget import DPRound
 from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
-from client.trainer import _optimizer, batches, derived_seed, dp_seed
+from client.trainer import _optimizer, derived_seed, dp_seed, plain_steps
 from shared.errors import ConfigError
 from shared.gnn import DenseBatch, DenseView, MoleculeGNN, dense_batch, sparse_batch
 from shared.metrics import multitask_metrics, task_metrics
@@ -48,21 +48,8 @@ def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, ser
         sampler = np.random.default_rng(dp_seed(plan, data.site, server_round, "poisson"))
         noise = torch.Generator().manual_seed(dp_seed(plan, data.site, server_round, "noise"))
         return _train_graphs_dp(model, data, y, plan, dp, optimizer, sampler, noise)
-    loss_fn = loss_for(plan.task)
-    global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
-    model.train()
-    total, count = 0.0, 0
-    for idx in batches(len(graphs), plan.batch_size, plan.local_steps, generator):
-        optimizer.zero_grad()
-        loss = loss_fn(model(*sparse_batch([graphs[i] for i in idx.tolist()])), y[idx])
-        if global_params is not None:
-            prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
-            loss = loss + 0.5 * plan.proximal_mu * prox
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
-        count += 1
-    return {"train_loss": total / max(count, 1)}
+    forward = lambda idx: model(*sparse_batch([graphs[i] for i in idx.tolist()]))  # noqa: E731
+    return plain_steps(model, len(graphs), forward, y, loss_for(plan.task), plan, optimizer, generator)
 
 
 def molecule_layers(model: MoleculeGNN) -> list[nn.Module] | None:
