@@ -2,11 +2,16 @@
 
 Plain training runs PyG's sparse mini-batches. DP-SGD needs one gradient per
 *molecule*: Opacus would take the atoms inside a message-passing layer for the
-batch (clipping per atom, or failing on unequal sizes; opacus #588, #841), so
-each Poisson-sampled batch is padded into dense graphs (at most ``max_atoms``
-atoms, a public cap) and ``torch.func.vmap(grad(...))`` gives every molecule's
-gradient of the *same* parameters; :func:`client.privacy.dpsgd.noisy_step` clips,
-sums and noises them like any other model's.
+batch (clipping per atom, or failing on unequal sizes; opacus #588, #841).
+Every parameter of the GNN sits in a Linear layer, so a molecule's gradient of
+a layer is the sum over its atoms of (output gradient) x (input) outer products:
+:func:`client.privacy.dpsgd.noisy_step` takes its Linear fast path on the same
+sparse batches as plain training, with PyG's ``batch`` vector naming each atom's
+molecule. Per-molecule norms come from the atoms padded per molecule (no
+per-molecule gradient tensors), the clipped sum from one more product per layer,
+then noise like any other model's. Molecules above ``max_atoms`` (a public cap)
+sit out. A model with parameters outside Linear layers would fall back to dense
+padded graphs and ``torch.func.vmap(grad(...))``.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import logging
 
 import numpy as np
 import torch
+from torch import nn
+from torch_geometric.nn.dense.linear import Linear as PyGLinear
 
 from client.privacy.budget import DPRound
-from client.privacy.dpsgd import noisy_step, poisson_batch
-from client.trainer import _optimizer, batches, derived_seed, dp_seed
+from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
+from client.trainer import _optimizer, derived_seed, dp_seed, plain_steps
 from shared.errors import ConfigError
 from shared.gnn import DenseBatch, DenseView, MoleculeGNN, dense_batch, sparse_batch
 from shared.metrics import multitask_metrics, task_metrics
@@ -41,21 +48,32 @@ def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, ser
         sampler = np.random.default_rng(dp_seed(plan, data.site, server_round, "poisson"))
         noise = torch.Generator().manual_seed(dp_seed(plan, data.site, server_round, "noise"))
         return _train_graphs_dp(model, data, y, plan, dp, optimizer, sampler, noise)
-    loss_fn = loss_for(plan.task)
-    global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
-    model.train()
-    total, count = 0.0, 0
-    for idx in batches(len(graphs), plan.batch_size, plan.local_steps, generator):
-        optimizer.zero_grad()
-        loss = loss_fn(model(*sparse_batch([graphs[i] for i in idx.tolist()])), y[idx])
-        if global_params is not None:
-            prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
-            loss = loss + 0.5 * plan.proximal_mu * prox
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
-        count += 1
-    return {"train_loss": total / max(count, 1)}
+    forward = lambda idx: model(*sparse_batch([graphs[i] for i in idx.tolist()]))  # noqa: E731
+    return plain_steps(model, len(graphs), forward, y, loss_for(plan.task), plan, optimizer, generator)
+
+
+def molecule_layers(model: MoleculeGNN) -> list[nn.Module] | None:
+    """The GNN's Linear layers (``nn.Linear`` and PyG's inside ``GraphConv``), or ``None`` for vmap."""
+    return linear_layers(model, (nn.Linear, PyGLinear))
+
+
+def molecule_dp_step(
+    model: MoleculeGNN, layers: list[nn.Module] | None, optimizer, loss_fn, graphs: list, y: torch.Tensor,
+    *, max_grad_norm: float, noise_multiplier: float, expected_batch_size: float, noise: torch.Generator, max_atoms: int,
+) -> None:  # fmt: skip
+    """One DP-SGD step on a Poisson-sampled list of molecules, each molecule one privacy unit."""
+    dp = dict(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, noise=noise)
+    if layers is None:  # generic route: dense padded graphs, per-molecule vmap(grad)
+        inputs = dense_batch(graphs, max_atoms) if graphs else _empty_dense()
+        noisy_step(DenseView(model), optimizer, loss_fn, inputs, y, layers=None, **dp)
+        return
+    batch = sparse_batch(graphs)
+    noisy_step(model, optimizer, loss_fn, batch, y, layers=layers, row_samples=atom_rows(model, layers, batch[2]), **dp)
+
+
+def atom_rows(model: MoleculeGNN, layers: list[nn.Module], batch: torch.Tensor) -> dict[nn.Module, torch.Tensor]:
+    """Every layer but the readout sees atoms: PyG's ``batch`` vector names each atom's molecule."""
+    return {layer: batch for layer in layers if layer is not model.out}
 
 
 def _empty_dense() -> DenseBatch:
@@ -72,17 +90,16 @@ def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRou
         log.warning("site '%s': %d molecule(s) above max_atoms = %d are left out of DP training", data.site, data.n_train - len(eligible), cap)
     graphs = [data.graphs_train[i] for i in eligible]
     y = y[torch.tensor(eligible, dtype=torch.long)]
-    dense = DenseView(model)
+    layers = molecule_layers(model)
     loss_fn = per_sample_loss(plan.task)
     expected = dp.sample_rate * len(graphs)
     model.train()
     for _ in range(dp.steps):
         idx = poisson_batch(len(graphs), dp.sample_rate, sampler)
-        inputs = dense_batch([graphs[i] for i in idx.tolist()], cap) if len(idx) else _empty_dense()
-        noisy_step(
-            dense, optimizer, loss_fn, inputs, y[idx],
+        molecule_dp_step(
+            model, layers, optimizer, loss_fn, [graphs[i] for i in idx.tolist()], y[idx],
             max_grad_norm=dp.max_grad_norm, noise_multiplier=dp.noise_multiplier,
-            expected_batch_size=expected, noise=noise, layers=None,
+            expected_batch_size=expected, noise=noise, max_atoms=cap,
         )  # fmt: skip
     return {}  # no train loss under DP (an un-noised statistic of private rows)
 

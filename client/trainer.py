@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -77,12 +78,20 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
         noise = torch.Generator().manual_seed(dp_seed(plan, data.site, server_round, "noise"))
         return _train_dp(model, x, y, plan, dp, optimizer, sampler, noise)
     loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins)
+    return plain_steps(model, len(x), lambda idx: model(x[idx]), y, loss_fn, plan, optimizer, generator)
+
+
+def plain_steps(model, n_rows: int, forward: Callable[[torch.Tensor], torch.Tensor], y, loss_fn, plan: TrainingPlan, optimizer, generator: torch.Generator) -> dict[str, float]:
+    """``plan.local_steps`` ordinary optimiser steps; ``forward(idx)`` is the model's output for those rows.
+
+    Shared by tabular and molecule training; FedProx adds its proximal term here.
+    """
     global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
     model.train()
     total, count = 0.0, 0
-    for idx in batches(len(x), plan.batch_size, plan.local_steps, generator):
+    for idx in batches(n_rows, plan.batch_size, plan.local_steps, generator):
         optimizer.zero_grad()
-        loss = loss_fn(model(x[idx]), y[idx])
+        loss = loss_fn(forward(idx), y[idx])
         if global_params is not None:
             prox = sum(((p - g) ** 2).sum() for p, g in zip(model.parameters(), global_params))
             loss = loss + 0.5 * plan.proximal_mu * prox

@@ -7,6 +7,13 @@ Two exact routes to the sum of per-sample clipped gradients:
   of sample i for that layer is the outer product ``g_i a_i^T`` of the layer's
   output gradient and input. Its norm is ``|g_i| |a_i|`` and the clipped sum is
   ``(c * G)^T A``: one forward, one backward, no per-sample gradient tensors.
+  A layer may also see several rows per sample (``[B, T, in]``: the atoms of a
+  padded molecule): sample i's gradient is then ``G_i^T A_i``, summed over its
+  rows, with squared norm ``<A_i A_i^T, G_i G_i^T>`` (the "ghost norm", for
+  few rows) or ``|G_i^T A_i|^2`` (for many), whichever is cheaper. The rows
+  may also come unpadded with an index naming each row's sample (``row_samples``:
+  the atoms of a PyG sparse batch and its ``batch`` vector); they are padded
+  only for the norms, and the clipped sum is still ``(c * G)^T A`` over rows.
 * **Generic path**: ``torch.func.vmap(grad(...))`` per-sample gradients, for any model.
 
 Both are checked against a slow one-sample-at-a-time reference in the tests.
@@ -26,9 +33,13 @@ from torch import nn
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def linear_layers(model: nn.Module) -> list[nn.Linear] | None:
-    """The Linear layers holding every trainable tensor (fast path), or ``None`` (generic path)."""
-    layers = [m for m in model.modules() if isinstance(m, nn.Linear) and any(p.requires_grad for p in m.parameters(recurse=False))]
+def linear_layers(model: nn.Module, types: tuple[type[nn.Module], ...] = (nn.Linear,)) -> list[nn.Module] | None:
+    """The Linear layers holding every trainable tensor (fast path), or ``None`` (generic path).
+
+    ``types`` names the modules that compute ``a @ weight.T + bias`` over the last
+    dimension (e.g. PyG's ``Linear`` as well); each must be applied once per forward.
+    """
+    layers = [m for m in model.modules() if isinstance(m, types) and any(p.requires_grad for p in m.parameters(recurse=False))]
     covered = {id(p) for m in layers for p in m.parameters(recurse=False)}
     if any(p.requires_grad and id(p) not in covered for p in model.parameters()):
         return None
@@ -40,38 +51,86 @@ def _clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> tuple[torch.T
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), norms
 
 
-def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm):
-    """Per layer: inputs A and output gradients G; per sample: clip factors and norms."""
-    inputs: dict[nn.Linear, torch.Tensor] = {}
-    outputs: dict[nn.Linear, torch.Tensor] = {}
+def _layer_sq_norms(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample squared gradient norm of one Linear layer from its inputs ``a`` and output gradients ``g``."""
+    weight = layer.weight.requires_grad
+    bias = layer.bias is not None and layer.bias.requires_grad
+    if a.ndim == 2:
+        g_norm = torch.linalg.vector_norm(g, dim=1)  # faster here than pow(2).sum(1)
+        sq = (torch.linalg.vector_norm(a, dim=1) * g_norm).square() if weight else torch.zeros_like(g_norm)  # |g_i a_i^T| = |g_i| |a_i|
+        return sq + g_norm.square() if bias else sq
+    rows, n_in, n_out = a.shape[1], a.shape[2], g.shape[2]
+    sq = torch.zeros(a.shape[0], dtype=a.dtype)
+    if weight and rows * (n_in + n_out) < n_in * n_out:  # ghost norm: <A A^T, G G^T>, no [B, out, in] tensor
+        sq = sq + (torch.bmm(a, a.mT) * torch.bmm(g, g.mT)).sum((1, 2))
+    elif weight:
+        sq = sq + torch.bmm(g.mT, a).square().sum((1, 2))
+    return sq + g.sum(1).square().sum(1) if bias else sq
+
+
+def _padding(owner: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """Position of each row within its sample (rows of a sample contiguous, as in PyG's ``batch``) and the most rows."""
+    counts = torch.bincount(owner, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    return torch.arange(owner.shape[0]) - starts[owner], int(counts.max()) if n else 0
+
+
+def _padded(t: torch.Tensor, owner: torch.Tensor, local: torch.Tensor, n: int, most: int) -> torch.Tensor:
+    out = t.new_zeros(n, most, t.shape[-1])
+    out[owner, local] = t
+    return out
+
+
+def _linear_factors(model, layers, loss_fn, x, y, max_grad_norm, row_samples=None):
+    """Per layer: inputs A and output gradients G (rows of all samples); per sample: clip factors and norms."""
+    inputs: dict[nn.Module, torch.Tensor] = {}
+    outputs: dict[nn.Module, torch.Tensor] = {}
 
     def keep(module, args, output):
+        if module in inputs:  # a second call would overwrite the first's input: the sums would be wrong
+            raise ValueError("the Linear fast path needs every layer applied once per forward")
         inputs[module] = args[0].detach()
         outputs[module] = output
 
+    rows = int(y.shape[0])
     handles = [layer.register_forward_hook(keep) for layer in layers]
     try:
-        losses = loss_fn(model(x), y)
+        losses = loss_fn(model(*x) if isinstance(x, tuple) else model(x), y)
     finally:
         for handle in handles:
             handle.remove()
     out_grads = torch.autograd.grad(losses.sum(), [outputs[layer] for layer in layers])
-    sq = torch.zeros(x.shape[0], dtype=x.dtype)
+    sq = torch.zeros(rows, dtype=losses.dtype)
+    owners = row_samples or {}
+    paddings: dict[int, tuple[torch.Tensor, int]] = {}
+    kept = []
     for layer, g in zip(layers, out_grads):
-        a = inputs[layer]
-        if a.ndim != 2:
-            raise ValueError("the Linear fast path needs 2-D layer inputs")
-        g_norm = torch.linalg.vector_norm(g, dim=1)  # faster here than pow(2).sum(1)
-        if layer.weight.requires_grad:  # |g_i a_i^T|_F = |g_i| |a_i|
-            sq = sq + (torch.linalg.vector_norm(a, dim=1) * g_norm).square()
-        if layer.bias is not None and layer.bias.requires_grad:
-            sq = sq + g_norm.square()
+        a, owner = inputs[layer], owners.get(layer)
+        if owner is not None:  # unpadded rows, owner[r] = the sample of row r
+            if a.ndim != 2 or a.shape[0] != owner.shape[0]:
+                raise ValueError("row_samples must name the sample of every input row of its layer")
+            local, most = paddings.setdefault(id(owner), _padding(owner, rows))
+            sq = sq + _layer_sq_norms(layer, _padded(a, owner, local, rows, most), _padded(g, owner, local, rows, most))
+        elif a.ndim < 2 or a.shape[0] != rows:
+            raise ValueError("the Linear fast path needs layer inputs whose first dimension is the sample")
+        else:
+            if a.ndim > 3:
+                a, g = a.reshape(rows, -1, a.shape[-1]), g.reshape(rows, -1, g.shape[-1])
+            sq = sq + _layer_sq_norms(layer, a, g)
+        kept.append((layer, a, g, owner))
     factors, norms = _clip_factors(sq, max_grad_norm)
-    return [(layer, inputs[layer], g * factors.unsqueeze(1)) for layer, g in zip(layers, out_grads)], norms
+    out = []
+    for layer, a, g, owner in kept:
+        if owner is not None:
+            scaled = g * factors[owner].unsqueeze(1)
+        else:
+            scaled = g * factors.view(-1, *([1] * (g.ndim - 1)))
+        out.append((layer, a.reshape(-1, a.shape[-1]), scaled.reshape(-1, g.shape[-1])))  # rows of all samples
+    return out, norms
 
 
-def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm):
-    scaled_layers, norms = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm)
+def _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm, row_samples=None):
+    scaled_layers, norms = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm, row_samples)
     grads: dict[nn.Parameter, torch.Tensor] = {}
     for layer, a, scaled in scaled_layers:
         if layer.weight.requires_grad:
@@ -107,21 +166,27 @@ def _vmap_clipped_sum(model, loss_fn, x, y, max_grad_norm):
     return grads, norms
 
 
-def clipped_grad_sum(model: nn.Module, loss_fn: PerSampleLoss, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float, *, route: str = "auto"):
+def clipped_grad_sum(
+    model: nn.Module, loss_fn: PerSampleLoss, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor, max_grad_norm: float,
+    *, route: str = "auto", layers: list[nn.Module] | None = None, row_samples: dict[nn.Module, torch.Tensor] | None = None,
+):  # fmt: skip
     """Sum over the batch of per-sample gradients clipped to ``max_grad_norm``.
 
     Returns ``({parameter: summed clipped gradient}, per-sample gradient norms before clipping)``.
     ``loss_fn`` must return one loss per row (a batch-coupled loss is not DP-valid).
     ``x`` may be a tuple of per-sample inputs (the model is called as ``model(*x)``);
-    those always take the generic path.
+    those take the generic path unless ``route="linear"`` (with ``layers`` for layer
+    types other than ``nn.Linear``, and ``row_samples`` for layers whose input rows
+    are not samples: ``{layer: sample index of each row}``).
     """
-    if isinstance(x, tuple):
+    if isinstance(x, tuple) and route == "auto":
         route = "vmap"
-    layers = linear_layers(model) if route in ("auto", "linear") else None
+    if layers is None and route in ("auto", "linear"):
+        layers = linear_layers(model)
     if route == "linear" and layers is None:
         raise ValueError("model has trainable tensors outside nn.Linear layers")
     if layers is not None:
-        return _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm)
+        return _linear_clipped_sum(model, layers, loss_fn, x, y, max_grad_norm, row_samples)
     return _vmap_clipped_sum(model, loss_fn, x, y, max_grad_norm)
 
 
@@ -136,14 +201,18 @@ def noisy_step(
     noise_multiplier: float,
     expected_batch_size: float,
     noise: torch.Generator,
-    layers: list[nn.Linear] | None | str = "find",
+    layers: list[nn.Module] | None | str = "find",
+    row_samples: dict[nn.Module, torch.Tensor] | None = None,
 ) -> None:
     """One DP-SGD step on an (already Poisson-sampled, possibly empty) batch.
 
     Each gradient is ``(sum of clipped per-sample gradients + N(0, (sigma C)^2)) / (q n)``.
     On the Linear fast path noise, clipped sum and scaling are fused into one
     ``addmm`` per weight, so the step costs little more than a plain one.
-    ``x`` may be a tuple of per-sample inputs (e.g. padded graphs); pass ``layers=None`` then.
+    ``x`` may be a tuple of per-sample inputs (e.g. padded graphs): those take the
+    generic path unless ``layers`` lists the model's Linear layers explicitly, with
+    ``row_samples`` naming the sample of each input row where rows are not samples
+    (e.g. atoms of a PyG sparse batch: ``{layer: batch}``).
     """
     params = [p for p in model.parameters() if p.requires_grad]
     std = noise_multiplier * max_grad_norm
@@ -154,13 +223,13 @@ def noisy_step(
     for p in params:
         chunks[p] = gaussian[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
-    if isinstance(x, tuple):  # several inputs per sample: only the generic path applies
+    if isinstance(x, tuple) and isinstance(layers, str):  # several inputs per sample: generic unless layers are named
         layers = None
     if isinstance(layers, str):  # callers looping over steps pass linear_layers(model) once
         layers = linear_layers(model)
-    rows = _rows(x)
+    rows = int(y.shape[0])
     if layers is not None and rows:
-        scaled_layers, _ = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm)
+        scaled_layers, _ = _linear_factors(model, layers, loss_fn, x, y, max_grad_norm, row_samples)
         for layer, a, scaled in scaled_layers:
             if layer.weight.requires_grad:
                 layer.weight.grad = torch.addmm(chunks.pop(layer.weight), scaled.T, a, beta=std * scale, alpha=scale)
