@@ -44,7 +44,7 @@ task = "survival"
 model = "hazard"
 rounds = 2
 strategy = "fedavg"
-local_steps = 30
+local_steps = 100
 batch_size = 8
 learning_rate = 0.1
 seed = 7
@@ -148,7 +148,7 @@ def test_signed_approved_study_runs_with_secagg_and_dp(consortium: Consortium) -
     assert report["status"] == "completed", report.get("error")
     assert sorted(report["final"]["sites"]) == sorted(SITES)
     assert len(report["rounds"]) == 2
-    assert report["final"]["mean"]["c_index"] > 0.55  # 2 short DP rounds: learning, not converged
+    assert report["final"]["mean"]["c_index"] > 0.6  # 2 DP rounds of 100 steps: learning (0.86 after 5 rounds in bench)
     for name in SITES:
         privacy = report["privacy"][name]
         assert 0 < privacy["epsilon"] <= 8.0 + 1e-6
