@@ -24,14 +24,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client.privacy.budget import DPRound, _noise  # noqa: E402
-from client.trainer import evaluate, train  # noqa: E402
-from shared.config import ModelOptions, load_site_ref, load_study  # noqa: E402
-from shared.contract import load_site_data  # noqa: E402
-from shared.models import build_model  # noqa: E402
-from shared.molecules import ATOM_FEATURES  # noqa: E402
-from shared.paths import PROJECT_ROOT  # noqa: E402
-from shared.plan import TrainingPlan  # noqa: E402
+from client.privacy.budget import DPRound, _noise
+from client.trainer import evaluate, train
+from shared.config import load_site_ref, load_study
+from shared.contract import load_site_data
+from shared.models import build_model
+from shared.molecules import ATOM_FEATURES
+from shared.paths import PROJECT_ROOT
+from shared.plan import TrainingPlan
 
 METRIC = {"esol": "rmse", "bbbp": "roc_auc"}
 
@@ -138,8 +138,8 @@ def main() -> None:
     torch.set_num_threads(1)
     METRIC_KEY = METRIC[args.dataset]
     study = load_study(PROJECT_ROOT / "studies" / args.dataset / "study.toml")
-    changes = {k: v for k, v in dict(rounds=args.rounds, local_steps=args.local_steps, learning_rate=args.lr, batch_size=args.batch_size,
-                                      optimizer=args.optimizer, strategy=args.strategy, server_learning_rate=args.server_lr).items() if v is not None}  # fmt: skip
+    changes = {k: v for k, v in {"rounds": args.rounds, "local_steps": args.local_steps, "learning_rate": args.lr, "batch_size": args.batch_size,
+                                      "optimizer": args.optimizer, "strategy": args.strategy, "server_learning_rate": args.server_lr}.items() if v is not None}  # fmt: skip
     study = dataclasses.replace(study, **changes)
     opts = study.model_options
     if args.hidden:
