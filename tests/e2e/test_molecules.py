@@ -43,7 +43,7 @@ def test_federated_multitask_gnn_with_secure_aggregation_and_dp(root: Path, tmp_
         assert 0 < summary["epsilon"] <= 8.0 + 1e-6
         ledger = PrivacyLedger(tmp_path / "run" / "ledgers" / f"{site}.ledger.sqlite", site)
         try:
-            assert [e.round for e in ledger.entries()] == [1, 2]
+            assert [e.round for e in ledger.entries] == [1, 2]
         finally:
             ledger.close()
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
