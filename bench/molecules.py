@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS))
     parser.add_argument("--rounds", type=int, default=None, help="override the studies' rounds")
     parser.add_argument("--no-dp", action="store_true")
+    parser.add_argument("--dp-only", action="store_true", help="only the epsilon = 8 variants")
     args = parser.parse_args()
     torch.set_num_threads(1)
     figures: dict[str, float] = {}
@@ -94,7 +95,7 @@ def main() -> None:
         if args.rounds:
             study = dataclasses.replace(study, rounds=args.rounds)
         data = pooled(study)
-        variants = [("", study)]
+        variants = [] if args.dp_only else [("", study)]
         if not args.no_dp:
             variants.append(("_dp8", dataclasses.replace(study, privacy=dataclasses.replace(study.privacy, dp=True, target_epsilon=8.0))))
         for suffix, s in variants:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -22,7 +23,8 @@ def test_federated_multitask_gnn_with_secure_aggregation_and_dp(root: Path, tmp_
     made = partition(tmp_path / "tox.csv", "scaffold", 3, tmp_path / "study", name="tox-mini")
     assert made.task == "multitask" and made.invalid == 1
     study = made.study
-    text = study.read_text().replace("rounds = 20", "rounds = 2").replace("local_steps = 40", "local_steps = 4")
+    text = re.sub(r"(?m)^local_steps = \d+$", "local_steps = 4", re.sub(r"(?m)^rounds = \d+$", "rounds = 2", study.read_text()))
+    assert "\nrounds = 2\n" in text and "\nlocal_steps = 4\n" in text  # a recipe change must not make this test slow
     study.write_text(text.replace("hidden = 64", "hidden = 16") + "\n[privacy]\ndp = true\ntarget_epsilon = 8.0\n")
 
     report = simulate(study, tmp_path / "run", progress=False)
