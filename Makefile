@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/secagg_overhead.py --sites 10 50 100
 	$(BIN)/python bench/gse7390.py
 	$(BIN)/python bench/omics_scale.py
+	$(BIN)/python bench/molecules.py
+	$(BIN)/python bench/round_overhead.py --secagg
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
