@@ -95,15 +95,8 @@ class SiteClient(NumPyClient):
             raise DataContractError(f"site '{self.site.name}': candidate feature(s) {absent[:3]} not in its data; nothing was sent. Fix: check the omics tables")
         pos = np.fromiter((index[f] for f in plan.candidates), dtype=np.int64, count=len(plan.candidates))
         values = selection_moments(data.x_train[:, pos], data.missing_rate[pos])
-        worst = int(np.argmax(np.abs(values)))
-        if abs(values[worst]) > plan.stats_bound:
-            feature = plan.candidates[worst % len(plan.candidates)]
-            raise DataContractError(
-                f"site '{self.site.name}': feature '{feature}' has magnitude {abs(values[worst]):.3g}, beyond the study's "
-                f"stats_bound {plan.stats_bound:g}; nothing was sent. Fix: log-transform the table (transforms = [\"log1p\"]) or raise [secure_aggregation] stats_bound"
-            )
-        log.info("site '%s': masking selection statistics of %d candidate features for the secure sum", self.site.name, len(pos))
-        return [values.astype(np.float64)], data.n_train, {"site": self.site.name}
+        fix = 'log-transform the table (transforms = ["log1p"]) or raise [secure_aggregation] stats_bound'
+        return self._masked_statistics(plan, values, list(plan.candidates), data.n_train, "selection statistics", fix)
 
     def _fit_statistics(self, plan: TrainingPlan, data) -> tuple[NDArrays, int, dict]:
         """Secure statistics round: this site's feature means and mean squares, summed under SecAgg+.
@@ -113,18 +106,25 @@ class SiteClient(NumPyClient):
         """
         if self.site.data.normalize != "federated":
             raise ConfigError(f"site '{self.site.name}' refused the statistics round: its site file does not ask for normalize = \"federated\"")
-        values = moments(data.x_train)
+        fix = "rescale the column or raise [secure_aggregation] stats_bound"
+        return self._masked_statistics(plan, moments(data.x_train), data.feature_names, data.n_train, "feature statistics", fix)
+
+    def _masked_statistics(self, plan: TrainingPlan, values: np.ndarray, names: list[str], weight: int, what: str, fix: str) -> tuple[NDArrays, int, dict]:
+        """The reply of a secure statistics round: bounded (the secure sum must not wrap), audited, then masked by SecAgg+.
+
+        ``values`` holds one block per statistic, each in the order of ``names``.
+        """
         worst = int(np.argmax(np.abs(values)))
         if abs(values[worst]) > plan.stats_bound:
-            feature = data.feature_names[worst % len(data.feature_names)]
+            feature = names[worst % len(names)]
             raise DataContractError(
                 f"site '{self.site.name}': feature '{feature}' has magnitude {abs(values[worst]):.3g}, beyond the study's "
-                f"stats_bound {plan.stats_bound:g}; nothing was sent. Fix: rescale the column or raise [secure_aggregation] stats_bound"
+                f"stats_bound {plan.stats_bound:g}; nothing was sent. Fix: {fix}"
             )
-        log.info("site '%s': masking %d feature statistics for the secure sum", self.site.name, len(values))
+        log.info("site '%s': masking %d %s for the secure sum", self.site.name, len(values), what)
         arrays, metrics = [values.astype(np.float64)], {"site": self.site.name}
         self.audit.append(study=plan.study, server_round=0, kind="statistics", arrays=arrays, metrics=metrics, l2_norm=l2_norm(arrays), masked=True)
-        return arrays, data.n_train, metrics
+        return arrays, weight, metrics
 
     def fit(self, parameters, config):
         if config.get(STAGE_KEY) == "select":
