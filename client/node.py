@@ -29,6 +29,7 @@ from shared.kits import read_kit
 from shared.pki import (
     CertificateError,
     check_issued_by,
+    check_owner_only,
     check_validity,
     load_certificate,
     load_ssh_private_key,
@@ -68,9 +69,7 @@ def load_node_kit(path: Path) -> NodeKit:
 
 def check_kit(kit: NodeKit) -> x509.Certificate:
     """The kit's key, CA and admin certificate are usable; returns the admin certificate."""
-    mode = kit.key.stat().st_mode & 0o077 if kit.key.exists() else 0
-    if mode:
-        raise CertificateError(f"node key {kit.key} is readable by other users; run `chmod 600 {kit.key}`")
+    check_owner_only(kit.key, "node key")
     load_ssh_private_key(kit.key)
     ca = load_certificate(kit.ca)
     check_validity(ca, f"consortium CA {kit.ca}")

@@ -26,7 +26,7 @@ from shared.flower_env import apply_flower_env
 from shared.flower_polling import FAST, TASK_POLL_ENV
 from shared.kits import read_kit
 from shared.paths import PROJECT_ROOT
-from shared.pki import check_validity, load_certificate, split_address
+from shared.pki import check_owner_only, check_validity, load_certificate, split_address
 
 CONNECTION = "fedhelix"  # the flwr CLI's name for this server's Control API
 
@@ -70,8 +70,7 @@ def load_server_kit(path: Path) -> ServerKit:
 def check_server_kit(kit: ServerKit) -> None:
     for what, file in (("consortium CA", kit.ca), ("server certificate", kit.cert)):
         check_validity(load_certificate(file), f"{what} {file}")
-    if kit.key.stat().st_mode & 0o077:
-        raise ConfigError(f"server key {kit.key} is readable by other users; run `chmod 600 {kit.key}`")
+    check_owner_only(kit.key, "server key")
     if not kit.node_keys():
         raise ConfigError(f"{kit.path}/nodes holds no site keys; provision sites first")
 

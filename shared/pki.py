@@ -176,6 +176,15 @@ def load_identity(cert_path: Path, key_path: Path) -> Identity:
     return Identity(key, cert)
 
 
+def check_owner_only(path: Path, what: str) -> None:
+    """Refuse a private key others can read (or one that is missing), with the fix."""
+    path = Path(path)
+    if not path.is_file():
+        raise CertificateError(f"{what} {path} not found; use the kit written by `fedhelix provision`")
+    if path.stat().st_mode & 0o077:
+        raise CertificateError(f"{what} {path} is readable by other users; run `chmod 600 {path}`")
+
+
 def load_certificate(path: Path) -> x509.Certificate:
     try:
         return x509.load_pem_x509_certificate(Path(path).read_bytes())
