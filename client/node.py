@@ -24,7 +24,7 @@ from client.approval import approvals_path, read_approvals
 from shared.config import SiteConfig, load_site
 from shared.contract import load_site_data
 from shared.errors import ConfigError, FedhelixError
-from shared.flower_env import apply_flower_env
+from shared.flower_env import flower_process_env
 from shared.kits import read_kit
 from shared.pki import (
     CertificateError,
@@ -159,9 +159,7 @@ def prepare_node(
 
 def run_node(plan: NodePlan) -> int:
     """Run the SuperNode in the foreground; translate Flower's exit codes into one line."""
-    env = apply_flower_env(dict(os.environ))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")]))
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # flower-superexec, flwr-clientapp
+    env = flower_process_env()  # flower-superexec, flwr-clientapp on PATH
     # Own process groups: stopping the node stops Flower's SuperExec / the launcher and every ClientApp.
     proc = subprocess.Popen(plan.command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     helpers = [subprocess.Popen(plan.launcher, env=env, start_new_session=True)] if plan.launcher else []

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shared.errors import ConfigError, FedhelixError
-from shared.flower_env import apply_flower_env
+from shared.flower_env import flower_process_env
 from shared.flower_polling import FAST, TASK_POLL_ENV
 from shared.kits import read_kit
-from shared.paths import PROJECT_ROOT
 from shared.pki import check_owner_only, check_validity, load_certificate, split_address
 
 CONNECTION = "fedhelix"  # the flwr CLI's name for this server's Control API
@@ -85,11 +84,7 @@ def flwr_home_for(kit_ca: Path, control_address: str, home: Path) -> Path:
 
 
 def flower_env(flwr_home: Path) -> dict[str, str]:
-    env = apply_flower_env(dict(os.environ))
-    env["FLWR_HOME"] = str(flwr_home)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
-    return env
+    return flower_process_env(flwr_home)
 
 
 def superlink_command(kit: ServerKit) -> list[str]:

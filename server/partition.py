@@ -220,7 +220,7 @@ def partition(
         "# Run it with `fedhelix simulate` on this file; edit freely (see docs/study-and-site-files.md).\n"
         f"[study]\nname = {_toml_str(study_name)}\ntask = \"{task}\"\nmodel = \"gnn\"\nstrategy = \"fedavg\"\n"
         + ("secure_aggregation = false  # SecAgg+ needs at least 3 sites\n" if n_sites < 3 else "")
-        + f"rounds = 10\nlocal_steps = 80\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.002\nseed = 42\n\n"
+        + "rounds = 10\nlocal_steps = 80\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.002\nseed = 42\n\n"
         "[model]\nlayers = 3\nhidden = 64\nconv = \"graphconv\"\npooling = \"add\"\n\n"
         + "".join(f"[[sites]]\nname = \"{site}\"\nconfig = \"{site}.toml\"\n\n" for site in sites),
         encoding="utf-8",

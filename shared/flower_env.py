@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+from shared.paths import PROJECT_ROOT
 
 FLOWER_ENV = {
     # Otherwise the first run `uv sync`s the app and pulls a multi-GB CUDA torch.
@@ -22,3 +26,14 @@ def apply_flower_env(environ: dict[str, str] | None = None) -> dict[str, str]:
     for key, value in FLOWER_ENV.items():
         target[key] = value
     return target  # type: ignore[return-value]
+
+
+def flower_process_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for a Flower process we start: the variables above, this venv's Flower
+    executables first on PATH, this checkout importable, and an optional private FLWR_HOME."""
+    env = apply_flower_env(dict(os.environ))
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    return env
