@@ -122,12 +122,8 @@ def wait_healthy(url: str, ca: Path, timeout_s: float, proc: subprocess.Popen | 
 def register_sites(kit: ServerKit, env: dict[str, str]) -> list[str]:
     """Put every provisioned site key on the SuperLink's allow-list (idempotent across restarts)."""
     flwr = str(Path(sys.executable).parent / "flwr")
-    listed = subprocess.run([flwr, "supernode", "ls", CONNECTION, "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
-    known = listed.stdout if listed.returncode == 0 else ""
     registered = []
-    for site, key in kit.node_keys().items():
-        if f'"{site}"' in known:
-            continue
+    for site, key in kit.node_keys().items():  # `flwr supernode ls` does not list names: register, tolerate "already"
         done = subprocess.run([flwr, "supernode", "register", str(key), CONNECTION, "--name", site, "--format", "json"], env=env, capture_output=True, text=True, timeout=120)
         if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
             raise FedhelixError(f"registering site '{site}' ({key}) failed: {(done.stdout + done.stderr).strip().splitlines()[-1:]}")
