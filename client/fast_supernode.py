@@ -5,9 +5,12 @@ empty pull from the SuperLink and ``time.sleep(0.5)`` while it waits for the
 ClientApp's reply; nothing configures either. Both are calls on the module's
 ``time`` global, so this entry point gives that module a ``time`` whose
 ``sleep`` shortens exactly those two waits, then runs Flower's unchanged
-``flower-supernode`` main. :func:`apply_short_polls` first checks the targets
-and raises :class:`~shared.flower_polling.FlowerInternalsChanged` if they
-moved, so a Flower upgrade fails loudly.
+``flower-supernode`` main. It also shortens the node's heartbeat interval
+(Flower's module constant, 30 s, to 10 s, the shortest the SuperLink accepts),
+so a crashed node is seen offline after 20 s instead of a minute, and can
+rejoin as soon. :func:`apply_short_polls` first checks the targets and raises
+:class:`~shared.flower_polling.FlowerInternalsChanged` if they moved, so a
+Flower upgrade fails loudly.
 
     python -m client.fast_supernode [--poll-interval S] [--reply-poll-interval S] FLOWER-SUPERNODE-ARGS...
 """
@@ -15,6 +18,7 @@ moved, so a Flower upgrade fails loudly.
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import os
 import sys
@@ -25,6 +29,9 @@ from collections.abc import Sequence
 from shared.flower_env import apply_flower_env
 from shared.flower_polling import FAST, TASK_POLL_ENV, FlowerInternalsChanged, shorten_object_pull_backoff
 
+# Modules that read Flower's HEARTBEAT_DEFAULT_INTERVAL at call time: the activation / heartbeat
+# requests (their interval sets the node's online-until on the SuperLink) and the sender's cadence.
+HEARTBEAT_MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
 IDLE_SLEEP_S = 3  # start_client_internal: `time.sleep(3)` when a pull returned nothing
 REPLY_SLEEP_S = 0.5  # start_client_internal._push_messages: `time.sleep(0.5)` waiting for the reply
 
@@ -61,11 +68,25 @@ def check_supernode_targets() -> None:
             raise FlowerInternalsChanged(f"flwr.supernode.start_client_internal.{function} no longer calls `{call}`")
 
 
-def apply_short_polls(node_s: float = FAST.node_s, reply_s: float = FAST.reply_s, task_s: float = FAST.task_s, pull_backoff_s: float = FAST.pull_backoff_s) -> None:
-    """Shorten the SuperNode's waits in this process (and SuperExec's, via Flower's env var)."""
+def shorten_heartbeat(interval_s: float = FAST.heartbeat_s) -> float:
+    """Set the SuperNode's heartbeat interval in this process (never below Flower's minimum); returns it."""
+    from flwr.common.constant import HEARTBEAT_MIN_INTERVAL
+
+    interval = max(float(interval_s), float(HEARTBEAT_MIN_INTERVAL))
+    for name in HEARTBEAT_MODULES:
+        module = importlib.import_module(name)
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), (int, float)):
+            raise FlowerInternalsChanged(f"{name} no longer reads HEARTBEAT_DEFAULT_INTERVAL")
+        module.HEARTBEAT_DEFAULT_INTERVAL = interval
+    return interval
+
+
+def apply_short_polls(node_s: float = FAST.node_s, reply_s: float = FAST.reply_s, task_s: float = FAST.task_s, pull_backoff_s: float = FAST.pull_backoff_s, heartbeat_s: float = FAST.heartbeat_s) -> None:
+    """Shorten the SuperNode's waits and heartbeat in this process (and SuperExec's poll, via Flower's env var)."""
     check_supernode_targets()
     _supernode_module().time = ShortSleeps({IDLE_SLEEP_S: node_s, REPLY_SLEEP_S: reply_s})
     shorten_object_pull_backoff(pull_backoff_s)
+    shorten_heartbeat(heartbeat_s)
     # In `--isolation subprocess` the SuperNode starts flower-superexec, which reads this.
     os.environ.setdefault(TASK_POLL_ENV, str(task_s))
 

@@ -15,6 +15,8 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,8 +38,13 @@ from shared.pki import (
     split_address,
 )
 
-# Flower logs this when the SuperLink rejects the node key (its process exits with status 1).
-FLOWER_NOT_REGISTERED = b"Exit Code: 305"
+# Flower logs this when the SuperLink does not activate the node (its process exits with status 1):
+# an unregistered key, or a key whose previous session it still counts as online.
+FLOWER_NOT_ACTIVATED = b"Exit Code: 305"
+# After a crash the SuperLink keeps the node's old session online until it misses
+# HEARTBEAT_PATIENCE heartbeats (2 x 30 s in Flower 1.42) and refuses a new one meanwhile.
+REJOIN_WAIT_S = 75.0
+REJOIN_RETRY_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -110,10 +117,11 @@ class NodePlan:
     ledger: Path | None  # the site's privacy ledger (None: the site allows no DP studies)
     command: list[str]
     launcher: list[str] | None = None  # fast mode: the warm ClientApp launcher beside the SuperNode
+    rejoin_wait_s: float = REJOIN_WAIT_S  # how long a refused activation is retried (a restart after a crash)
 
 
 def prepare_node(
-    kit_path: Path, site_path: Path, *, port: int = 9094, probe: bool = True, fast: bool = True
+    kit_path: Path, site_path: Path, *, port: int = 9094, probe: bool = True, fast: bool = True, rejoin_wait_s: float = REJOIN_WAIT_S
 ) -> NodePlan:
     """Every local check, then the SuperNode command line (nothing started yet).
 
@@ -154,38 +162,71 @@ def prepare_node(
         secret = write_secret_file(approvals.parent / f".{kit.site}.runtime-secret")
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
         launcher = [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret)]
-    return NodePlan(kit, site, approvals, ledger, command, launcher)
+    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s))
 
 
 def run_node(plan: NodePlan) -> int:
-    """Run the SuperNode in the foreground; translate Flower's exit codes into one line."""
+    """Run the SuperNode in the foreground; translate Flower's exit codes into one line.
+
+    A refused activation is retried for ``plan.rejoin_wait_s``: a node restarted right
+    after a crash is refused until the SuperLink lets its previous session expire.
+    """
     env = flower_process_env()  # flower-superexec, flwr-clientapp on PATH
     # Own process groups: stopping the node stops Flower's SuperExec / the launcher and every ClientApp.
-    proc = subprocess.Popen(plan.command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # The launcher outlives SuperNode retries (it only polls the node's local Runtime API).
     helpers = [subprocess.Popen(plan.launcher, env=env, start_new_session=True)] if plan.launcher else []
-    previous = signal.signal(signal.SIGTERM, lambda *_: [_stop_group(p) for p in (proc, *helpers)])
-    refused_key = False
+    running: list[subprocess.Popen] = []
+    stopping = threading.Event()
+
+    def stop_all() -> None:
+        for p in (*running, *helpers):
+            _stop_group(p)
+
+    def on_sigterm(*_: object) -> None:
+        stopping.set()
+        stop_all()
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    deadline = time.monotonic() + plan.rejoin_wait_s
+    refused, code = False, 0
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:  # pass Flower's log through, watching for its exit code (the status itself is 1)
-            sys.stdout.buffer.write(raw)
-            sys.stdout.flush()
-            refused_key = refused_key or FLOWER_NOT_REGISTERED in raw
-        code = proc.wait()
-        if code < 0:  # stopped by a signal (SIGTERM from systemd, Ctrl-C): a clean stop
-            code = 0
+        while True:
+            proc = subprocess.Popen(plan.command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            running[:] = [proc]
+            code, refused = _pass_through(proc)
+            remaining = deadline - time.monotonic()
+            if not refused or stopping.is_set() or remaining <= 0:
+                break
+            print(
+                f"the server did not activate this node (not on the allow-list, or its previous session still counts as "
+                f"online for up to a minute after a crash); retrying for another {remaining:.0f} s",
+                flush=True,
+            )
+            if stopping.wait(min(REJOIN_RETRY_S, remaining)):
+                break
     except KeyboardInterrupt:
         code = 0
     finally:
-        for p in (proc, *helpers):
-            _stop_group(p)
+        stop_all()
         signal.signal(signal.SIGTERM, previous)
-    if refused_key:
+    if refused and not stopping.is_set():
         raise FedhelixError(
             f"the server refused this node's key: site '{plan.kit.site}' is not on the consortium's allow-list; "
             f"ask the consortium admin to register {plan.kit.path / 'node.pub'}"
         )
     return code
+
+
+def _pass_through(proc: subprocess.Popen) -> tuple[int, bool]:
+    """Copy the SuperNode's log to ours until it exits: (exit status, whether activation was refused)."""
+    refused = False
+    assert proc.stdout is not None
+    for raw in proc.stdout:  # Flower prints its exit code; the process status itself is 1
+        sys.stdout.buffer.write(raw)
+        sys.stdout.flush()
+        refused = refused or FLOWER_NOT_ACTIVATED in raw
+    code = proc.wait()
+    return (0 if code < 0 else code), refused  # stopped by a signal (SIGTERM from systemd, Ctrl-C): a clean stop
 
 
 def _stop_group(proc: subprocess.Popen) -> None:

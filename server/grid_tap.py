@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 OnError = Callable[[str, int, int, str], None]  # (message_type, round, node_id, reason)
@@ -18,6 +19,8 @@ Observer = Callable[[list[Message], list[Message]], None]  # (sent, replies)
 
 
 NO_REPLY = "no reply within the round timeout of {timeout:g} s (dropped from the round)"
+# The SuperLink answers for a node that stopped sending heartbeats (crashed, killed, cut off).
+NODE_OFFLINE = "no reply: the node went offline (no heartbeat for two of its intervals; dropped from the round)"
 
 
 class TappedGrid:
@@ -38,25 +41,34 @@ class TappedGrid:
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         sent = list(messages)
-        kinds = {m.metadata.dst_node_id: (m.metadata.message_type, m.metadata.group_id) for m in sent}
         timeout = timeout if timeout is not None else self._timeout
         replies = list(self._grid.send_and_receive(sent, timeout=timeout))
         if self._observe is not None:
             self._observe(sent, replies)
+        # Flower's grids give each message its id as they push it; a reply names the message it answers.
+        # (An error the SuperLink writes for an offline node comes from the SuperLink, not from that node.)
+        by_id = {m.metadata.message_id: m for m in sent if m.metadata.message_id}
+        by_node = {m.metadata.dst_node_id: m for m in sent}
+        answered = set()
         for reply in replies:
+            original = by_id.get(reply.metadata.reply_to_message_id) or by_node.get(reply.metadata.src_node_id)
+            node = original.metadata.dst_node_id if original is not None else reply.metadata.src_node_id
+            answered.add(node)
             if reply.has_error():
-                kind, group = kinds.get(reply.metadata.src_node_id, (reply.metadata.message_type, "0"))
-                server_round = int(group) if str(group).isdigit() else 0
-                self._on_error(kind, server_round, reply.metadata.src_node_id, reply.error.reason)
+                meta = original.metadata if original is not None else reply.metadata
+                reason = NODE_OFFLINE if reply.error.code == ErrorCode.NODE_UNAVAILABLE else reply.error.reason
+                self._on_error(meta.message_type, _round(meta.group_id), node, reason)
         if timeout is not None:
-            answered = {reply.metadata.src_node_id for reply in replies}
             for message in sent:
-                node = message.metadata.dst_node_id
-                if node not in answered:
-                    group = message.metadata.group_id
-                    server_round = int(group) if str(group).isdigit() else 0
-                    self._on_error(message.metadata.message_type, server_round, node, NO_REPLY.format(timeout=timeout))
+                if message.metadata.dst_node_id not in answered:
+                    meta = message.metadata
+                    self._on_error(meta.message_type, _round(meta.group_id), meta.dst_node_id, NO_REPLY.format(timeout=timeout))
         return replies
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
+
+
+def _round(group_id: str) -> int:
+    """Flower's legacy workflows put the round number in the message's group id."""
+    return int(group_id) if str(group_id).isdigit() else 0

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.checkpoint import load_checkpoint
 from server.deployment import CONNECTION, flower_env, flwr_home_for
 from shared.approval import (
     CONSORTIUM_KEY,
@@ -73,8 +74,13 @@ def submit_study(
     app_dir: Path = PROJECT_ROOT,
     on_line: Callable[[str], None] | None = None,
     timeout_s: float | None = None,
+    resume: Path | None = None,
 ) -> Submission:
-    """Sign and submit; streams Flower's log lines to ``on_line``; returns when the run ends."""
+    """Sign and submit; streams Flower's log lines to ``on_line``; returns when the run ends.
+
+    ``resume``: an interrupted run directory of this study; the ServerApp continues it from its
+    last checkpointed round (the admin runs this on the server host, beside the run directories).
+    """
     kit = load_admin_kit(kit_path)
     study = load_study(study_path)  # a broken study file fails here, not at the sites
     admin = load_identity(kit.path / "admin.crt", kit.path / "admin.key")
@@ -93,6 +99,13 @@ def submit_study(
         CONSORTIUM_KEY: kit.consortium,
         "out": str(out_dir),
     }
+    run_dir = out_dir / study.name
+    if resume is not None:
+        run_dir = Path(resume).resolve()
+        done = load_checkpoint(run_dir, study)  # no checkpoint, or another study's: one line, before anything is sent
+        run_config["resume"] = str(run_dir)
+        if on_line is not None:
+            on_line(f"resuming study '{study.name}' after round {done.round} of {study.rounds} from {run_dir}")
     with tempfile.TemporaryDirectory(prefix="fedhelix-app-") as tmp:
         app = stage_app(fab, Path(tmp) / "app")
         home = flwr_home_for(kit.path / "ca.crt", kit.control_address, Path(tmp) / "flwr-home")
@@ -113,10 +126,10 @@ def submit_study(
     if code != 0:
         raise FedhelixError(f"submitting study '{study.name}' to {kit.control_address} failed (flwr exit code {code}); see the lines above")
     # `flwr run --stream` exits 0 even when the ServerApp failed: the report is the verdict.
-    report_path = out_dir / study.name / "report.json"
+    report_path = run_dir / "report.json"
     if not report_path.exists():
         raise FedhelixError(f"study '{study.name}' ended without a report in {report_path.parent}; see the server's superlink.log")
     report = json.loads(report_path.read_text())
     if report.get("status") != "completed":
         raise FedhelixError(f"study '{study.name}' {report.get('status')}: {report.get('error') or 'see report.html'}")
-    return Submission(run_id, out_dir / study.name, manifest, code)
+    return Submission(run_id, run_dir, manifest, code)

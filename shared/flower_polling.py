@@ -34,6 +34,10 @@ class PollIntervals:
     task_s: float = 0.05  # launcher / SuperExec: acquire a task from the node's Runtime API (1 s)
     grid_s: float = 0.1  # ServerApp: pull replies from the SuperLink (3 s)
     pull_backoff_s: float = 0.05  # first retry of an object pull, doubling to Flower's cap (1 s)
+    # SuperNode heartbeat interval (30 s): the SuperLink counts a node offline 2 intervals after its last
+    # heartbeat, answers its pending messages with Flower's node-unavailable error and lets a restarted
+    # node rejoin. 10 s is the shortest Flower accepts; a heartbeat then leaves every ~4 s.
+    heartbeat_s: float = 10.0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

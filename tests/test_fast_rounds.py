@@ -129,7 +129,15 @@ def test_supernode_sleep_targets_exist_and_are_shortened(monkeypatch: pytest.Mon
 
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
         monkeypatch.setitem(fn.__kwdefaults__, "initial_backoff", fn.__kwdefaults__["initial_backoff"])
+    import importlib
+
+    heartbeat_modules = [importlib.import_module(name) for name in fast_supernode.HEARTBEAT_MODULES]
+    for module in heartbeat_modules:
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
     fast_supernode.apply_short_polls(node_s=0.01, reply_s=0.002)
+    # A crashed node is offline (and may rejoin) 2 x 10 s after its last heartbeat, not 2 x 30 s.
+    assert [m.HEARTBEAT_DEFAULT_INTERVAL for m in heartbeat_modules] == [10.0, 10.0]
+    assert fast_supernode.shorten_heartbeat(1) == 10.0  # never below what the SuperLink accepts
     started = time.monotonic()
     sci.time.sleep(3)
     sci.time.sleep(0.5)
@@ -154,6 +162,11 @@ def test_a_moved_target_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(inflatable_utils.pull_objects, "__kwdefaults__", {"max_time": 1})
     with pytest.raises(FlowerInternalsChanged, match="initial_backoff"):
         shorten_object_pull_backoff()
+    from flwr.supercore import heartbeat
+
+    monkeypatch.delattr(heartbeat, "HEARTBEAT_DEFAULT_INTERVAL")
+    with pytest.raises(FlowerInternalsChanged, match="flwr.supercore.heartbeat"):
+        fast_supernode.shorten_heartbeat()
 
 
 def test_http_grid_still_sleeps_three_seconds_between_pulls() -> None:

@@ -11,7 +11,8 @@ from server.tracking import TensorBoardTracker, add_trackers
 
 
 def _message(node: int, group: str = "3", kind: str = "train"):
-    return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, src_node_id=node, message_type=kind, group_id=group), has_error=lambda: False)
+    meta = SimpleNamespace(dst_node_id=node, src_node_id=node, message_type=kind, group_id=group, message_id=f"id-{node}", reply_to_message_id=f"id-{node}")
+    return SimpleNamespace(metadata=meta, has_error=lambda: False)
 
 
 class SlowGrid:
@@ -40,6 +41,35 @@ def test_sites_missing_the_round_timeout_are_reported_dropped_and_the_rest_retur
     assert "no reply within the round timeout of 30 s" in recorder.failures[0]["reason"]
     tapped.send_and_receive([_message(2)], timeout=5.0)  # SecAgg+ passes its own stage timeout
     assert grid.timeouts[-1] == 5.0 and len(recorder.failures) == 2
+
+
+def test_a_node_the_superlink_reports_offline_is_named_and_dropped(tmp_path: Path, monkeypatch) -> None:
+    """Flower's SuperLink answers for a node without heartbeats; the reply comes from the SuperLink itself."""
+    from flwr.app import Message, RecordDict
+    from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attribute in ("_run_id", "_task_id", "_node_id"):  # what a ServerApp process has set
+        monkeypatch.setattr(TaskIdentity, attribute, 1)
+
+    def instruction(node: int) -> Message:
+        message = Message(RecordDict(), dst_node_id=node, message_type="train", group_id="4")
+        message.metadata.__dict__["_message_id"] = f"id-{node}"  # as Flower's grids do when they push
+        return message
+
+    class OfflineGrid:
+        def send_and_receive(self, messages, *, timeout=None):
+            sent = list(messages)
+            ok = Message(RecordDict(), reply_to=sent[0])
+            offline = create_message_error_unavailable_res_message(sent[1].metadata, "node_unavail")
+            return [ok, offline]
+
+    recorder = RunRecorder(tmp_path, "binary")
+    recorder.set_sites([SiteInfo(1, "alpha", 10, 5, []), SiteInfo(2, "beta", 10, 5, [])])
+    replies = TappedGrid(OfflineGrid(), recorder.observe_reply, timeout=60.0).send_and_receive([instruction(1), instruction(2)])
+    assert len(replies) == 2 and replies[1].metadata.src_node_id != 2  # written by the SuperLink, not by beta
+    assert [(f["round"], f["phase"], f["site"], f["kind"]) for f in recorder.failures] == [(4, "train", "beta", "dropped")]
+    assert "went offline" in recorder.failures[0]["reason"]
 
 
 def test_without_a_timeout_nothing_is_reported_missing(tmp_path: Path) -> None:

@@ -1,0 +1,75 @@
+"""Helpers for tests that run a provisioned consortium on loopback: site files, nodes, processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import psutil
+
+from client.privacy.ledger import PrivacyLedger
+from shared.config import load_site
+from shared.paths import PROJECT_ROOT
+
+TCGA_REGIONS = PROJECT_ROOT / "data" / "tcga_brca" / "regions"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_site(directory: Path, name: str, data: str | None = None, budget: float = 10.0) -> Path:
+    """A site file for a TCGA-BRCA region (``data``: another region's CSV), with its own ledger."""
+    path = directory / f"{name}.toml"
+    path.write_text(
+        f'[site]\nname = "{name}"\n\n[data]\npath = "{TCGA_REGIONS / f"{data or name}.csv"}"\nlabel = "E"\ntime = "T"\ndrop = ["pid"]\n'
+        f'split_column = "fold"\nmissing = "none"\n\n[privacy]\nledger = "ledgers/{name}.sqlite"\nepsilon_budget = {budget}\ndelta = 1e-5\n'
+    )
+    return path
+
+
+def study_sites(sites: tuple[str, ...]) -> str:
+    """The ``[[sites]]`` tables of a study whose site files sit beside it."""
+    return "".join(f'\n[[sites]]\nname = "{s}"\nconfig = "{s}.toml"\n' for s in sites)
+
+
+def start_node(kit: Path, site: Path, port: int, log: Path, env: dict[str, str] | None = None, extra: Sequence[str] = ()) -> subprocess.Popen:
+    """``fedhelix node`` for one site, its output appended to ``log``."""
+    command = [str(Path(sys.executable).parent / "fedhelix"), "node", "--kit", str(kit), "--site", str(site), "--port", str(port), *extra]
+    return subprocess.Popen(command, stdout=log.open("ab"), stderr=subprocess.STDOUT, cwd=site.parent, env=env or dict(os.environ))
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and everything it started (a node's SuperNode, launcher and ClientApps; a server's ServerApp).
+
+    Children in their own sessions are still found through their parent links.
+    """
+    try:
+        parent = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return
+    procs = [parent, *parent.children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def ledger_rows(site_file: Path) -> list:
+    """The site's privacy-ledger entries (empty when the ledger was never created)."""
+    site = load_site(site_file)
+    if site.privacy is None or not site.privacy.ledger.exists():
+        return []
+    ledger = PrivacyLedger(site.privacy.ledger, site.name)
+    try:
+        return list(ledger.entries)
+    finally:
+        ledger.close()

@@ -1,0 +1,58 @@
+"""``fedhelix node``'s supervision of the SuperNode: refused activations are retried, then named."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+import client.node as node
+from client.node import NodeKit, NodePlan, run_node
+from shared.errors import FedhelixError
+
+# Stands in for flower-supernode: counts its starts in a file; refused (Flower's exit 305) the first `refusals` times.
+FAKE_SUPERNODE = """
+import pathlib, sys
+counter, refusals = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+starts = int(counter.read_text()) + 1 if counter.exists() else 1
+counter.write_text(str(starts))
+if starts <= refusals:
+    print("ERROR: Exit Code: 305\\nFailed to activate SuperNode.", flush=True)
+    sys.exit(1)
+print("SuperNode ID: 42", flush=True)
+"""
+
+
+def plan(tmp_path: Path, refusals: int, wait_s: float) -> NodePlan:
+    kit = NodeKit(tmp_path / "kit", "c", "west", "127.0.0.1:1")
+    command = [sys.executable, "-c", FAKE_SUPERNODE, str(tmp_path / "starts"), str(refusals)]
+    return NodePlan(kit, None, tmp_path / "approvals.json", None, command, None, wait_s)  # type: ignore[arg-type]
+
+
+def starts(tmp_path: Path) -> int:
+    return int((tmp_path / "starts").read_text())
+
+
+@pytest.fixture(autouse=True)
+def quick_retries(monkeypatch) -> None:
+    monkeypatch.setattr(node, "REJOIN_RETRY_S", 0.05)
+
+
+def test_a_node_restarted_after_a_crash_is_retried_until_the_server_activates_it(tmp_path: Path, capfd) -> None:
+    assert run_node(plan(tmp_path, refusals=2, wait_s=30)) == 0
+    assert starts(tmp_path) == 3
+    assert capfd.readouterr().out.count("retrying for another") == 2
+
+
+def test_a_key_that_stays_refused_ends_with_the_allow_list_line(tmp_path: Path, capfd) -> None:
+    with pytest.raises(FedhelixError, match=r"site 'west' is not on the consortium's allow-list; ask the consortium admin to register .*node.pub"):
+        run_node(plan(tmp_path, refusals=10**6, wait_s=0.5))
+    assert starts(tmp_path) >= 2
+    assert "retrying for another" in capfd.readouterr().out
+
+
+def test_no_rejoin_wait_gives_up_at_once(tmp_path: Path) -> None:
+    with pytest.raises(FedhelixError, match="allow-list"):
+        run_node(plan(tmp_path, refusals=1, wait_s=0))
+    assert starts(tmp_path) == 1
