@@ -107,7 +107,7 @@ class Loopback:
         self.env["PATH"] = f"{BIN}{os.pathsep}{self.env['PATH']}"
         self.env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{self.env.get('PYTHONPATH', '')}"
         if self.fast:
-            self.env[TASK_POLL_ENV] = str(FAST.task_s)  # the SuperLink's SuperExec starting the ServerApp
+            self.env[TASK_POLL_ENV] = str(FAST.run_start_s)  # the SuperLink's SuperExec starting the ServerApp
         self.port = free_port()
 
     # -- processes -------------------------------------------------------------

@@ -176,9 +176,9 @@ class SiteClient(NumPyClient):
                 f"site '{self.site.name}' refused: the study asks for reproducible DP noise, which the coordinator "
                 "could predict and subtract; that setting is for simulations only"
             )
-        dp = plan_dp_round(plan, self.site, data.n_train)
         ledger, budget = open_ledger(self.site, self.ledger_dir)
         try:
+            dp = plan_dp_round(plan, self.site, data.n_train, ledger)
             ledger.check(plan.study, server_round, dp.step, dp.delta, dp.accountant, budget)
             metrics = train(model, data, plan, server_round, dp=dp)
             delta = _delta(model, parameters)

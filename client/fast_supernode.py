@@ -27,7 +27,7 @@ import types
 from collections.abc import Sequence
 
 from shared.flower_env import apply_flower_env
-from shared.flower_polling import FAST, TASK_POLL_ENV, FlowerInternalsChanged, shorten_object_pull_backoff
+from shared.flower_polling import FAST, TASK_POLL_ENV, FlowerInternalsChanged, IdleBackoff, shorten_object_pull_backoff
 
 # Modules that read Flower's HEARTBEAT_DEFAULT_INTERVAL at call time: the activation / heartbeat
 # requests (their interval sets the node's online-until on the SuperLink) and the sender's cadence.
@@ -37,13 +37,30 @@ REPLY_SLEEP_S = 0.5  # start_client_internal._push_messages: `time.sleep(0.5)` w
 
 
 class ShortSleeps(types.ModuleType):
-    """Stands in for the ``time`` module inside one Flower module: maps its fixed sleeps to short ones."""
+    """Stands in for the ``time`` module inside one Flower module: maps its fixed sleeps to short ones.
 
-    def __init__(self, mapping: dict[float, float]) -> None:
+    The idle sleep (after an empty pull) backs off from ``node_s`` to ``idle_cap_s`` while nothing
+    arrives; waiting for a reply, or a loop pass that did work in between, starts it over.
+    """
+
+    BUSY_GAP_S = 1.0  # a pass longer than this between idle sleeps handled a message
+
+    def __init__(self, mapping: dict[float, float], idle_cap_s: float | None = None) -> None:
         super().__init__("time")
         self._mapping = dict(mapping)
+        start = self._mapping.get(IDLE_SLEEP_S, IDLE_SLEEP_S)
+        self._idle = IdleBackoff(start, idle_cap_s if idle_cap_s is not None else start)
+        self._last_idle_end: float | None = None
 
     def sleep(self, seconds: float) -> None:
+        if seconds == IDLE_SLEEP_S:
+            if self._last_idle_end is None or time.monotonic() - self._last_idle_end > self.BUSY_GAP_S:
+                self._idle.reset()
+            time.sleep(self._idle.next())
+            self._last_idle_end = time.monotonic()
+            return
+        if seconds == REPLY_SLEEP_S:
+            self._idle.reset()
         time.sleep(self._mapping.get(seconds, seconds))
 
     def __getattr__(self, name: str):  # time.time, time.monotonic, ... unchanged
@@ -81,10 +98,13 @@ def shorten_heartbeat(interval_s: float = FAST.heartbeat_s) -> float:
     return interval
 
 
-def apply_short_polls(node_s: float = FAST.node_s, reply_s: float = FAST.reply_s, task_s: float = FAST.task_s, pull_backoff_s: float = FAST.pull_backoff_s, heartbeat_s: float = FAST.heartbeat_s) -> None:
+def apply_short_polls(
+    node_s: float = FAST.node_s, reply_s: float = FAST.reply_s, task_s: float = FAST.task_s,
+    pull_backoff_s: float = FAST.pull_backoff_s, heartbeat_s: float = FAST.heartbeat_s, idle_cap_s: float = FAST.idle_cap_s,
+) -> None:  # fmt: skip
     """Shorten the SuperNode's waits and heartbeat in this process (and SuperExec's poll, via Flower's env var)."""
     check_supernode_targets()
-    _supernode_module().time = ShortSleeps({IDLE_SLEEP_S: node_s, REPLY_SLEEP_S: reply_s})
+    _supernode_module().time = ShortSleeps({IDLE_SLEEP_S: node_s, REPLY_SLEEP_S: reply_s}, idle_cap_s)
     shorten_object_pull_backoff(pull_backoff_s)
     shorten_heartbeat(heartbeat_s)
     # In `--isolation subprocess` the SuperNode starts flower-superexec, which reads this.

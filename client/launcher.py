@@ -46,7 +46,7 @@ from pathlib import Path
 
 from shared.errors import ConfigError
 from shared.flower_env import apply_flower_env
-from shared.flower_polling import FAST, shorten_object_pull_backoff
+from shared.flower_polling import FAST, IdleBackoff, shorten_object_pull_backoff
 
 log = logging.getLogger("fedhelix.launcher")
 
@@ -236,6 +236,7 @@ def run_launcher(
     log.info("launcher ready in %.1f s (preloaded %s); polling %s every %g s", time.monotonic() - started, ", ".join(loaded) or "nothing", runtime_address, poll_interval)
 
     client = _runtime_client(runtime_address, secret, insecure, certificates)
+    idle = IdleBackoff(poll_interval, FAST.idle_cap_s)  # fast while tasks run (the next one follows soon), slower when idle
     children: dict[int, float] = {}  # pid -> start (monotonic)
     launched = 0
     me = os.getpid()
@@ -256,8 +257,11 @@ def run_launcher(
 
                 children[fork_task(task, threads=threads)] = time.monotonic()
                 launched += 1
+                idle.reset()
                 continue  # another task may be waiting already
-            time.sleep(poll_interval)
+            if children:
+                idle.reset()
+            time.sleep(idle.next())
         while children:  # max_tasks reached: let the last ones finish
             _reap(children)
             time.sleep(0.01)

@@ -167,7 +167,7 @@ def start_server(kit_path: Path, log_dir: Path | None = None) -> RunningServer:
     log_dir = log_dir or kit.database.parent
     home = flwr_home_for(kit.ca, kit.link_address, kit.database.parent / "flwr-home")
     env = flower_env(home)
-    env.setdefault(TASK_POLL_ENV, str(FAST.task_s))  # SuperExec starts the ServerApp within 50 ms, not 1 s
+    env.setdefault(TASK_POLL_ENV, str(FAST.run_start_s))  # SuperExec starts a study's ServerApp within 0.5 s
     link_log = open(log_dir / "superlink.log", "ab")  # noqa: SIM115 - owned by the process
     superlink = subprocess.Popen(superlink_command(kit), env=env, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True)
     gateway = None

@@ -9,6 +9,8 @@ from opacus.accountants.utils import get_noise_multiplier
 
 # (noise multiplier sigma, sample rate q, number of steps): Opacus's history format.
 Step = tuple[float, float, int]
+# How far below the target a calibrated epsilon may land (Opacus's binary search stops within it).
+CALIBRATION_TOLERANCE = 0.005
 
 
 def epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> float:
@@ -16,8 +18,22 @@ def epsilon(history: Sequence[Step], delta: float, accountant: str = "rdp") -> f
     if not history:
         return 0.0
     acc = RDPAccountant() if accountant == "rdp" else PRVAccountant()
-    acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
+    acc.history = compose(history)
     return float(acc.get_epsilon(delta=delta))
+
+
+def compose(history: Sequence[Step]) -> list[Step]:
+    """Merge steps of the same mechanism (same sigma and q) into one entry with their total count.
+
+    Exact: both accountants compose n runs of one subsampled Gaussian mechanism by
+    their count (RDP is linear in it). A ledger of many rounds of one study then costs
+    one accountant evaluation, not one per round.
+    """
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        key = (float(sigma), float(q))
+        merged[key] = merged.get(key, 0) + int(n)
+    return [(sigma, q, n) for (sigma, q), n in merged.items()]
 
 
 def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> float:
@@ -29,6 +45,15 @@ def calibrate_noise(target_epsilon: float, delta: float, sample_rate: float, ste
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
-            epsilon_tolerance=0.005,
+            epsilon_tolerance=CALIBRATION_TOLERANCE,
         )
     )
+
+
+def is_calibrated(sigma: float, target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "rdp") -> bool:
+    """Whether ``sigma`` is what :func:`calibrate_noise` finds: epsilon at most the target, within the tolerance below it.
+
+    One accountant evaluation instead of a calibration's binary search (a dozen or more).
+    """
+    eps = epsilon([(sigma, sample_rate, steps)], delta, accountant)
+    return target_epsilon - 2 * CALIBRATION_TOLERANCE <= eps <= target_epsilon

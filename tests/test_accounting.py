@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from client.privacy import budget
-from shared.accounting import calibrate_noise, epsilon
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from shared.accounting import calibrate_noise, compose, epsilon
 from client.privacy.budget import plan_dp_round
 from shared.config import DataSpec, ModelOptions, PrivacyConfig, SiteConfig, SitePrivacy
 from shared.errors import ConfigError
@@ -179,3 +181,37 @@ def test_capped_sample_rate_is_calibrated_as_full_batch() -> None:
     capped = plan_dp_round(plan_for(batch_size=500, rounds=2, local_steps=5), site_for(), 200)
     assert capped.sample_rate == 1.0
     assert capped.noise_multiplier == calibrate_noise(1.0, 1e-5, 1.0, 10)
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_repeated_mechanisms_compose_exactly_as_one_entry(accountant: str) -> None:
+    """A ledger's many rounds of one study are merged before accounting; the epsilon must not change."""
+    rounds = [(1.1, 0.05, 20)] * 6 + [(2.0, 0.1, 10)] * 3
+    opacus = RDPAccountant() if accountant == "rdp" else PRVAccountant()
+    opacus.history = list(rounds)  # Opacus composing every entry itself
+    assert epsilon(rounds, DELTA, accountant) == pytest.approx(opacus.get_epsilon(delta=DELTA), rel=1e-6)
+    assert compose(rounds) == [(1.1, 0.05, 120), (2.0, 0.1, 30)]
+
+
+def test_a_recorded_noise_multiplier_is_reused_only_while_it_is_the_calibrated_one(tmp_path: Path, monkeypatch) -> None:
+    from client.privacy.ledger import LedgerEntry, PrivacyLedger
+
+    plan = plan_for(study="reuse", rounds=4, local_steps=10, batch_size=10)
+    site = SiteConfig("st-luke", DataSpec(Path("/nonexistent/data.csv"), "y"), privacy=SitePrivacy(tmp_path / "l.sqlite", 10.0, DELTA))
+    fresh = plan_dp_round(plan, site, 200)
+    calibrations = []
+    monkeypatch.setattr(budget, "_noise", lambda *a: calibrations.append(a) or calibrate_noise(*a))
+    ledger = PrivacyLedger(tmp_path / "l.sqlite", "st-luke")
+    try:
+        ledger.record(LedgerEntry("reuse", 1, 10, fresh.sample_rate, fresh.noise_multiplier, 0.8, "rdp", DELTA, 0.0))
+        assert plan_dp_round(plan, site, 200, ledger).noise_multiplier == fresh.noise_multiplier
+        assert calibrations == []  # reused, confirmed by one accountant evaluation
+        # The same study name re-planned with more rounds needs more noise: recalibrated.
+        longer = plan_dp_round(plan_for(study="reuse", rounds=8, local_steps=10, batch_size=10), site, 200, ledger)
+        assert len(calibrations) == 1 and longer.noise_multiplier > fresh.noise_multiplier
+        # A smaller multiplier in the ledger (edited, or from a looser plan) is never used.
+        ledger.record(LedgerEntry("reuse", 2, 10, fresh.sample_rate, fresh.noise_multiplier / 2, 0.8, "rdp", DELTA, 0.0))
+        assert plan_dp_round(plan, site, 200, ledger).noise_multiplier == pytest.approx(fresh.noise_multiplier)
+        assert len(calibrations) == 2
+    finally:
+        ledger.close()

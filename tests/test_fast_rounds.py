@@ -275,3 +275,22 @@ def test_poll_interval_run_config() -> None:
         poll_interval({"poll-interval": "fast"})
     with pytest.raises(ConfigError, match="out of range"):
         poll_interval({"poll-interval": -1})
+
+
+def test_idle_polls_back_off_and_work_makes_them_quick_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Five idle nodes at 0.1 s kept a SuperLink at 62% of a core; idle polls now slow to 0.5 s."""
+    from shared.flower_polling import IdleBackoff
+
+    backoff = IdleBackoff(0.1, 0.5)
+    assert [backoff.next() for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
+    backoff.reset()
+    assert backoff.next() == 0.1
+
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    sleeps = fast_supernode.ShortSleeps({3: 0.1, 0.5: 0.02}, idle_cap_s=0.5)
+    for _ in range(4):
+        sleeps.sleep(3)  # empty pulls in a row
+    sleeps.sleep(0.5)  # waiting for a ClientApp's reply: a message is being handled
+    sleeps.sleep(3)
+    assert slept == [0.1, 0.2, 0.4, 0.5, 0.02, 0.1]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from shared.accounting import Step, calibrate_noise
+from shared.accounting import Step, calibrate_noise, is_calibrated
 from client.privacy.ledger import PrivacyLedger
 from shared.config import SiteConfig, SitePrivacy
 from shared.errors import ConfigError
@@ -44,11 +44,14 @@ def site_privacy(site: SiteConfig) -> SitePrivacy:
     return site.privacy
 
 
-def plan_dp_round(plan: TrainingPlan, site: SiteConfig, n_train: int) -> DPRound:
+def plan_dp_round(plan: TrainingPlan, site: SiteConfig, n_train: int, ledger: PrivacyLedger | None = None) -> DPRound:
     """Calibrate the noise so that rounds x local_steps Poisson steps land at the study's target epsilon.
 
     The calibration depends only on the plan and the site's size, so every
-    round (each in a fresh process) finds the same noise multiplier.
+    round finds the same noise multiplier. A deployed round runs in a fresh
+    process, where the calibration's binary search costs seconds of CPU; with
+    ``ledger``, the multiplier this study's earlier rounds recorded is reused
+    once one accountant evaluation confirms it is still the calibrated value.
     """
     privacy = plan.privacy
     delta = site_privacy(site).delta  # the site's, never the study's: the ledger is kept at one delta
@@ -59,8 +62,21 @@ def plan_dp_round(plan: TrainingPlan, site: SiteConfig, n_train: int) -> DPRound
         )
     sample_rate = min(1.0, plan.batch_size / n_train)
     steps = plan.rounds * plan.local_steps
-    sigma = _noise(privacy.target_epsilon, delta, sample_rate, steps, privacy.accountant)
+    recorded = _recorded_noise(ledger, plan, delta, sample_rate) if ledger is not None else None
+    if recorded is not None and is_calibrated(recorded, privacy.target_epsilon, delta, sample_rate, steps, privacy.accountant):
+        sigma = recorded
+    else:
+        sigma = _noise(privacy.target_epsilon, delta, sample_rate, steps, privacy.accountant)
     return DPRound(sigma, sample_rate, plan.local_steps, delta, privacy.max_grad_norm, privacy.accountant)
+
+
+def _recorded_noise(ledger: PrivacyLedger, plan: TrainingPlan, delta: float, sample_rate: float) -> float | None:
+    """The noise multiplier of this study's latest round in the ledger at the same sampling and delta."""
+    for entry in reversed(ledger.entries):
+        if entry.study == plan.study:
+            same = (entry.sample_rate, entry.steps, entry.delta, entry.accountant) == (sample_rate, plan.local_steps, delta, plan.privacy.accountant)
+            return entry.noise_multiplier if same else None
+    return None
 
 
 def open_ledger(site: SiteConfig, ledger_dir: str | Path | None = None) -> tuple[PrivacyLedger, float]:
