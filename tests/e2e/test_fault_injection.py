@@ -41,7 +41,7 @@ from client.audit import AuditLog, audit_path, verify
 from server.checkpoint import load_checkpoint
 from server.deployment import RunningServer, sites_status, start_server
 from server.provision import ConsortiumConfig, provision
-from server.submit import submit_study
+from server.submit import Submission, submit_study
 from shared.accounting import epsilon
 from shared.approval import code_digest_of_project
 from shared.config import load_site, load_study
@@ -174,11 +174,18 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> 
         time.sleep(0.05)
 
 
-def submit_in_background(fed: Federation, study: str, out: Path, **kwargs):
+def run_killing_the_faulty_node(fed: Federation, study: str, server_round: int, restart: bool = False) -> Submission:
+    """Run ``study``; SIGKILL the faulty node where its plan hangs it in ``server_round`` (optionally restart it)."""
+    marker = fed.root / "faults" / f"{study}-{server_round}.hang"
     pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(submit_study, fed.study(study), fed.kits / "admin", out, timeout_s=900, **kwargs)
+    future = pool.submit(submit_study, fed.study(study), fed.kits / "admin", fed.root / "runs", timeout_s=900)
     pool.shutdown(wait=False)
-    return future
+    wait_for(lambda: marker.exists() or future.done(), f"the faulty node to reach round {server_round}'s update")
+    assert not future.done(), future.exception()
+    fed.kill(FAULTY)
+    if restart:
+        fed.start(FAULTY, wait=False)
+    return future.result(timeout=600)
 
 
 def failures(report: dict, site: str) -> list[tuple[int, str, str]]:
@@ -193,13 +200,8 @@ def fedavg(initial: list[np.ndarray], updates: dict[str, tuple[list[np.ndarray],
 def test_node_killed_mid_round_under_secagg_leaves_the_fedavg_of_the_survivors(federation: Federation) -> None:
     fed, study_name = federation, "fault-dropout"
     fed.use(SITES)
-    marker = fed.root / "faults" / f"{study_name}-1.hang"
-    future = submit_in_background(fed, study_name, fed.root / "runs")
-    # The faulty node trained and recorded round 1, after SecAgg+'s key exchange; kill it before its masked update leaves.
-    wait_for(lambda: marker.exists() or future.done(), "the faulty node to reach its masked update")
-    assert not future.done(), future.exception()
-    fed.kill(FAULTY)
-    submission = future.result(timeout=600)
+    # The faulty node trained and recorded round 1, after SecAgg+'s key exchange; killed before its masked update leaves.
+    submission = run_killing_the_faulty_node(fed, study_name, server_round=1)
     report = json.loads((submission.out_dir / "report.json").read_text())
     survivors = [s for s in SITES if s != FAULTY]
 
@@ -280,14 +282,9 @@ def test_nan_inf_and_huge_updates_from_a_node_are_rejected_and_named(federation:
 def test_node_restarted_mid_study_keeps_its_ledger_and_audit_log_consistent(federation: Federation) -> None:
     fed, study_name = federation, "fault-restart"
     fed.use(THREE)
-    marker = fed.root / "faults" / f"{study_name}-2.hang"
-    future = submit_in_background(fed, study_name, fed.root / "runs")
-    # Round 2: the node has trained, charged its ledger and logged the update; it dies before the update leaves.
-    wait_for(lambda: marker.exists() or future.done(), "the faulty node to reach round 2's masked update")
-    assert not future.done(), future.exception()
-    fed.kill(FAULTY)
-    fed.start(FAULTY, wait=False)  # the hospital restarts its node; it rejoins the running study
-    submission = future.result(timeout=600)
+    # Round 2: the node has trained, charged its ledger and logged the update; it dies before the update leaves,
+    # and the hospital restarts it at once: it rejoins the running study.
+    submission = run_killing_the_faulty_node(fed, study_name, server_round=2, restart=True)
     report = json.loads((submission.out_dir / "report.json").read_text())
     assert report["status"] == "completed" and len(report["rounds"]) == 4
     assert (2, "train", "dropped") in failures(report, FAULTY)
