@@ -28,11 +28,13 @@ class Proxy:
         self.cid = str(node_id)
 
 
-def make_study(tmp_path: Path, **study):
+def make_study(tmp_path: Path, robustness: dict | None = None, **study):
     doc = {
         "study": {"name": "unit", "task": "binary", "model": "logistic", "rounds": 3, "seed": 7, **study},
         "sites": [{"name": name, "config": f"sites/{name}.toml"} for name in SITES],
     }
+    if robustness is not None:
+        doc["robustness"] = robustness
     return parse_study(doc, base_dir=tmp_path)
 
 
@@ -59,11 +61,17 @@ def setup(tmp_path: Path, **study):
     recorder = RunRecorder(tmp_path / "run", study_cfg.task)
     recorder.set_sites([SiteInfo(node_id=100 + i, name=name, n_train=10 * (i + 1), n_test=5 * (i + 1), features=["a", "b", "c", "d"], order=i) for i, name in enumerate(SITES)])
     strategy = build_strategy(study_cfg, plan, initial_weights(), recorder)
+    manager, proxies = registered(range(100, 100 + len(SITES)))
+    return strategy, recorder, manager, proxies, plan
+
+
+def registered(node_ids) -> tuple[SimpleClientManager, list[Proxy]]:
+    """A client manager holding one proxy per node id."""
     manager = SimpleClientManager()
-    proxies = [Proxy(100 + i) for i in range(len(SITES))]
+    proxies = [Proxy(node_id) for node_id in node_ids]
     for proxy in proxies:
         manager.register(proxy)
-    return strategy, recorder, manager, proxies, plan
+    return manager, proxies
 
 
 def configure(strategy, manager, server_round: int, weights: list[np.ndarray]):
@@ -350,21 +358,7 @@ def test_update_that_overflows_the_global_dtype_is_rejected(tmp_path: Path) -> N
 
 
 def test_update_above_the_norm_bound_is_rejected_and_the_rest_aggregated(tmp_path: Path) -> None:
-    study_cfg = parse_study(
-        {
-            "study": {"name": "unit", "task": "binary", "model": "logistic", "rounds": 3, "seed": 7, "min_sites": 2, "secure_aggregation": False},
-            "robustness": {"max_update_norm": 1.0},
-            "sites": [{"name": name, "config": f"sites/{name}.toml"} for name in SITES],
-        },
-        base_dir=tmp_path,
-    )
-    plan = TrainingPlan.from_study(study_cfg, ["a", "b", "c", "d"])
-    recorder = RunRecorder(tmp_path / "run", "binary")
-    strategy = build_strategy(study_cfg, plan, initial_weights(), recorder)
-    manager = SimpleClientManager()
-    proxies = [Proxy(100 + i) for i in range(3)]
-    for p in proxies:
-        manager.register(p)
+    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=2, secure_aggregation=False, robustness={"max_update_norm": 1.0})
     glob = initial_weights()
     configure(strategy, manager, 1, glob)
     deltas = make_deltas()
@@ -388,10 +382,7 @@ def robust(tmp_path: Path, strategy: str, **robustness):
     }
     cfg = parse_study(doc, base_dir=tmp_path)
     strategy_obj = build_strategy(cfg, TrainingPlan.from_study(cfg), initial_weights(), RunRecorder(tmp_path / strategy, "binary"))
-    manager = SimpleClientManager()
-    proxies = [Proxy(200 + i) for i in range(5)]
-    for p in proxies:
-        manager.register(p)
+    manager, proxies = registered(range(200, 205))
     glob = initial_weights()
     configure(strategy_obj, manager, 1, glob)
     rng = np.random.default_rng(3)
