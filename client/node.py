@@ -42,7 +42,8 @@ from shared.pki import (
 # an unregistered key, or a key whose previous session it still counts as online.
 FLOWER_NOT_ACTIVATED = b"Exit Code: 305"
 # After a crash the SuperLink keeps the node's old session online until it misses
-# HEARTBEAT_PATIENCE heartbeats (2 x 30 s in Flower 1.42) and refuses a new one meanwhile.
+# HEARTBEAT_PATIENCE heartbeats (2 x 10 s on the fast node, 2 x 30 s on Flower's stock one)
+# and refuses a new one meanwhile; the wait covers the stock case with a margin.
 REJOIN_WAIT_S = 75.0
 REJOIN_RETRY_S = 5.0
 
