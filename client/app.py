@@ -1,34 +1,44 @@
 """The fedhelix ClientApp: one hospital's node in a study.
 
-Each instruction carries the study's training plan; the node loads its own data
+The coordinator is not trusted. Each request carries the coordinator's plan, but
+the site derives its own plan from the study it approved and refuses any request
+that asks for something else (:mod:`client.approved_plan`), or more often than the
+approved schedule allows (:mod:`client.query_guard`). The node loads its own data
 through the contract, trains from the global weights and sends back only the
 *delta* (local minus global) plus aggregate metrics. Raw rows never leave.
-A contract violation raises a one-line :class:`~shared.errors.FedhelixError`
-before anything is computed, so the node replies with that error and no update.
+Any error is sealed (:func:`make_sealing_mod`): the coordinator gets a code and a
+fixed phrase, the site's log and audit log keep the whole line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 import flwr.compat.common.recorddict_compat as compat
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
+from client.approved_plan import approved_study, check_labels, check_selected, checked_plan
 from client.audit import AuditLog, audit_path
 from client.privacy.budget import open_ledger, plan_dp_round
 from client.privacy.ledger import LedgerEntry
+from client.query_guard import QueryGuard, guard_path
 from client.site_data import load_for_plan, resolve_site
 from client.trainer import evaluate, train
-from shared.config import SiteConfig
+from shared.config import SiteConfig, StudyConfig
 from shared.contract import SiteData
-from shared.errors import ConfigError, DataContractError
+from shared.errors import ConfigError, DataContractError, FedhelixError, RequestRefused, error_code, sealed_line
+from shared.metrics import withhold_small_sample
 from shared.models import build_model
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
 from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
@@ -44,31 +54,64 @@ def _scalars(metrics: dict) -> dict:
 
 
 class SiteClient(NumPyClient):
-    """Trains and evaluates the global model on one site's private data."""
+    """Trains and evaluates the global model on one site's private data.
 
-    def __init__(self, site: SiteConfig, ledger_dir: str | None = None, simulation: bool = False, audit: AuditLog | None = None) -> None:
+    ``approved`` is the study this site agreed to: every request's plan is checked
+    against it, and ``guard`` bounds how often each kind of request is answered in
+    ``run``. The ClientApp always passes both; ``approved=None`` (in-process use by
+    tests and benchmarks that build plans themselves) takes the plan as given.
+    """
+
+    def __init__(
+        self, site: SiteConfig, ledger_dir: str | None = None, simulation: bool = False, audit: AuditLog | None = None,
+        *, approved: StudyConfig | None = None, guard: QueryGuard | None = None, run: str = "local",
+    ) -> None:  # fmt: skip
         self.site = site
         self.ledger_dir = ledger_dir
         self.simulation = simulation  # only a simulation may accept reproducible (predictable) DP noise
         self.audit = audit or AuditLog(audit_path(site.name, site.path), site.name)  # every reply is logged before it leaves
+        self.approved = approved
+        self.guard = guard
+        self.run = run
 
-    def _setup(self, config: dict, parameters: NDArrays | None = None):
-        plan = TrainingPlan.from_json(str(config[PLAN_KEY]))
+    def _plan(self, config: dict) -> TrainingPlan:
+        """The approved study's plan, completed with what the coordinator may choose; refused if it asks for more."""
+        if PLAN_KEY not in config:
+            raise RequestRefused(f"site '{self.site.name}' refused a request without a plan")
+        if self.approved is None:
+            return TrainingPlan.from_json(str(config[PLAN_KEY]))
+        return checked_plan(self.approved, str(config[PLAN_KEY]), self.site.name)
+
+    def _claim(self, plan: TrainingPlan, kind: str, server_round: int = 0) -> None:
+        if self.guard is not None:
+            self.guard.claim(self.run, plan.study, kind, server_round, plan.rounds)
+
+    def _setup(self, plan: TrainingPlan, parameters: NDArrays | None = None):
         data = load_for_plan(self.site, plan)
+        if self.approved is not None:
+            check_labels(plan, list(getattr(data, "labels", (self.site.data.label,))), self.site.name)
+            if plan.features:
+                check_selected(plan, len(getattr(data, "omics_features", ())), self.site.name)
         model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options, n_outputs=len(getattr(data, "labels", ())) or 1)
         if parameters is not None:
+            expected = [tuple(p.shape) for p in model.state_dict().values()]
+            if [tuple(np.shape(p)) for p in parameters] != expected:
+                raise RequestRefused(f"site '{self.site.name}' refused weights whose shapes differ from the approved model's")
             set_weights(model, parameters)
-        return plan, data, model
+        return data, model
 
     def get_properties(self, config):
         """Handshake before round 1: counts and encoded feature names, never values."""
-        plan, data, _ = self._setup(config)
+        plan = self._plan(config)
+        self._claim(plan, "handshake")
+        data, _ = self._setup(plan)
         props = {
             "site": self.site.name,
             "n_train": data.n_train,
             "n_test": data.n_test,
             "features": json.dumps(list(data.feature_names)),
-            "warnings": json.dumps(list(data.warnings)),
+            # counts only: a warning's detail (rows, SMILES, values) stays in the site's log
+            "warnings": json.dumps([public_warning(w) for w in data.warnings]),
             "normalize": self.site.data.normalize,
             # which features are 0/1 here (a pooled scaler leaves features that are 0/1 everywhere alone)
             "indicators": json.dumps(is_indicator(data.x_train).tolist() if isinstance(data, SiteData) else []),
@@ -127,12 +170,20 @@ class SiteClient(NumPyClient):
         return arrays, weight, metrics
 
     def fit(self, parameters, config):
-        if config.get(STAGE_KEY) == "select":
-            return self._fit_selection(TrainingPlan.from_json(str(config[PLAN_KEY])))
-        plan, data, model = self._setup(config, None if config.get(STAGE_KEY) == "stats" else parameters)
-        if config.get(STAGE_KEY) == "stats":
+        plan = self._plan(config)
+        stage = config.get(STAGE_KEY)
+        if stage not in (None, "stats", "select"):
+            raise RequestRefused(f"site '{self.site.name}' refused an unknown stage {stage!r}")
+        if stage == "select":
+            self._claim(plan, "select")
+            return self._fit_selection(plan)
+        if stage == "stats":
+            self._claim(plan, "stats")
+            data, _ = self._setup(plan)
             return self._fit_statistics(plan, data)
-        server_round = int(config[ROUND_KEY])
+        server_round = _round(config)
+        self._claim(plan, "fit", server_round)
+        data, model = self._setup(plan, parameters)
         weight = data.n_train
         if plan.privacy.dp and plan.privacy.level == "site":
             self._accept_site_level(plan)
@@ -206,11 +257,26 @@ class SiteClient(NumPyClient):
             raise ConfigError(f"site '{self.site.name}' refused: site-level DP without secure aggregation would reveal its un-noised update")
 
     def evaluate(self, parameters, config):
-        plan, data, model = self._setup(config, parameters)
+        plan = self._plan(config)
+        server_round = _round(config)
+        self._claim(plan, "evaluate", server_round)
+        data, model = self._setup(plan, parameters)
         loss, metrics = evaluate(model, data, plan)
-        metrics = _scalars({"site": self.site.name, **metrics})
-        self.audit.append(study=plan.study, server_round=int(config.get(ROUND_KEY, 0)), kind="metrics", metrics={"loss": loss, "n": data.n_test, **metrics})
+        metrics = _scalars({"site": self.site.name, **withhold_small_sample(metrics, data.n_test)})
+        self.audit.append(study=plan.study, server_round=server_round, kind="metrics", metrics={"loss": loss, "n": data.n_test, **metrics})
         return loss, data.n_test, metrics
+
+
+def _round(config: dict) -> int:
+    try:
+        return int(config[ROUND_KEY])
+    except (KeyError, TypeError, ValueError):
+        raise RequestRefused("refused a request without a valid round number") from None
+
+
+def public_warning(text: str) -> str:
+    """A data warning as it may leave the site: its counts, never the rows or values after the colon."""
+    return text.split(":", 1)[0].strip()
 
 
 def _delta(model, parameters: NDArrays) -> NDArrays:
@@ -218,21 +284,83 @@ def _delta(model, parameters: NDArrays) -> NDArrays:
     return subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
 
 
-def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Run Flower's SecAgg+ client protocol for studies that use it, pass others through.
+SiteOf = Callable[[Context], tuple[SiteConfig, StudyConfig, AuditLog]]
 
-    Flower's ``secaggplus_mod`` fails on a plain (non-SecAgg) train message, and a
-    node must serve both kinds of study. A train message *without* SecAgg+ for a
-    study whose plan says secure aggregation (or for the statistics round) is
-    refused: the site never sends in the clear what the study promised to mask.
+
+def make_secure_aggregation_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """Run the SecAgg+ client protocol for studies that use it, pass others through.
+
+    Whether a study masks its updates is read from the *approved* study, never from
+    the message: a train message without SecAgg+ for a study that says secure
+    aggregation (or for a statistics round) is refused, so the site never sends in
+    the clear what it agreed to mask. SecAgg+ messages for a study without secure
+    aggregation are refused too.
     """
-    if "secaggplus_configs" in msg.content.config_records:
-        return secaggplus_mod(msg, ctxt, call_next)
-    if msg.metadata.message_type == MessageType.TRAIN:
+
+    def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if msg.metadata.message_type != MessageType.TRAIN:
+            return call_next(msg, ctxt)
+        site, study, _ = site_of(ctxt)
+        if "secaggplus_configs" in msg.content.config_records:
+            if not study.secure.enabled:
+                raise RequestRefused(f"site '{site.name}' refused SecAgg+ messages for study '{study.name}', which does not use secure aggregation")
+            return secaggplus_mod(msg, ctxt, call_next)
         config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
-        if config.get(STAGE_KEY) in ("stats", "select") or (PLAN_KEY in config and TrainingPlan.from_json(str(config[PLAN_KEY])).secure_aggregation):
-            raise ConfigError("refused: the study requires secure aggregation but this update was requested without SecAgg+")
-    return call_next(msg, ctxt)
+        if study.secure.enabled or config.get(STAGE_KEY) in ("stats", "select"):
+            raise RequestRefused(f"site '{site.name}' refused: study '{study.name}' requires secure aggregation but this update was requested without SecAgg+")
+        return call_next(msg, ctxt)
+
+    return secure_aggregation_mod
+
+
+def make_sealing_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCallable], Message]:
+    """Seal every error: the coordinator gets a code and a fixed phrase, the site keeps the line.
+
+    Flower forwards a ClientApp exception's text to the coordinator, and that text can
+    name the site's files, columns, category values or patients. This outermost mod
+    turns any exception into an error reply of its own (:func:`shared.errors.sealed_line`),
+    logs the whole line at the site (its log and ``SITE.errors.log`` beside its audit
+    log), and records the reply that left in the audit log, like every other reply.
+    """
+
+    def sealing_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        try:
+            return call_next(msg, ctxt)
+        except Exception as err:  # noqa: BLE001 - nothing unsealed may leave
+            code = error_code(err)
+            line = err.line if isinstance(err, FedhelixError) else f"{type(err).__name__}: {err}"
+            name, study, audit = "?", "?", None
+            try:
+                site, approved, audit = site_of(ctxt)
+                name, study = site.name, approved.name
+            except Exception:  # noqa: BLE001 - the site file or study itself is what failed
+                pass
+            log.error("site '%s' %s (%s message): %s", name, code, msg.metadata.message_type, line, exc_info=not isinstance(err, FedhelixError))
+            reply = sealed_line(name, code)
+            if audit is not None:
+                with _site_error_log(audit.path, name).open("a", encoding="utf-8") as fh:
+                    fh.write(f"{code} {msg.metadata.message_type} run {msg.metadata.run_id}: {line}\n")
+                try:
+                    audit.append(study=study, server_round=-1, kind="error", metrics={"code": code, "reply": reply})
+                except FedhelixError:
+                    reply = sealed_line(name, "E180")
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reply), reply_to=msg)
+
+    return sealing_mod
+
+
+def _site_error_log(audit_log: Path, site: str) -> Path:
+    """The site's own record of its errors in full (owner-only), beside its audit log."""
+    path = audit_log.with_name(f"{site}.errors.log")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+    return path
+
+
+def site_errors(audit_dir: str | Path) -> list[str]:
+    """Every error line the sites of a simulation logged (the researcher is each site's IT here)."""
+    return [line for path in sorted(Path(audit_dir).glob("*.errors.log")) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def create_client_app(study_path: str | None = None, ledger_dir: str | None = None, audit_dir: str | None = None) -> ClientApp:
@@ -246,14 +374,20 @@ def create_client_app(study_path: str | None = None, ledger_dir: str | None = No
     """
     simulation = study_path is not None
 
+    def site_of(context: Context) -> tuple[SiteConfig, StudyConfig, AuditLog]:
+        site = resolve_site(context, study_path)
+        audit = AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
+        return site, approved_study(context, site, study_path), audit
+
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # tiny models; one thread avoids oversubscribing small hosts
         ledgers = ledger_dir or context.node_config.get("ledger-dir")
-        site = resolve_site(context, study_path)
-        audit = AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
-        return SiteClient(site, str(ledgers) if ledgers else None, simulation, audit).to_client()
+        site, study, audit = site_of(context)
+        guard = QueryGuard(guard_path(audit.path, site.name), site.name)
+        client = SiteClient(site, str(ledgers) if ledgers else None, simulation, audit, approved=study, guard=guard, run=str(context.run_id))
+        return client.to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+    return ClientApp(client_fn=client_fn, mods=[make_sealing_mod(site_of), make_secure_aggregation_mod(site_of)])
 
 
 app = create_client_app()
