@@ -37,7 +37,7 @@ from client.site_data import load_for_plan, resolve_site
 from client.trainer import evaluate, train
 from shared.config import SiteConfig, StudyConfig
 from shared.contract import SiteData
-from shared.errors import ConfigError, DataContractError, FedhelixError, RequestRefused, error_code, sealed_line
+from shared.errors import ConfigError, DataContractError, FedhelixError, RequestRefused, error_code, sealed_line, site_error_log
 from shared.metrics import withhold_small_sample
 from shared.models import build_model
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
@@ -350,17 +350,12 @@ def make_sealing_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCa
 
 
 def _site_error_log(audit_log: Path, site: str) -> Path:
-    """The site's own record of its errors in full (owner-only), beside its audit log."""
-    path = audit_log.with_name(f"{site}.errors.log")
+    """The site's own record of its errors in full, created owner-only."""
+    path = site_error_log(audit_log, site)
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
     return path
-
-
-def site_errors(audit_dir: str | Path) -> list[str]:
-    """Every error line the sites of a simulation logged (the researcher is each site's IT here)."""
-    return [line for path in sorted(Path(audit_dir).glob("*.errors.log")) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def create_client_app(study_path: str | None = None, ledger_dir: str | None = None, audit_dir: str | None = None) -> ClientApp:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from shared.config import StudyConfig, check_format, load_site_ref, load_study
 from shared.contract import load_site_data
-from shared.errors import FedhelixError
+from shared.errors import FedhelixError, read_site_errors
 from shared.flower_env import apply_flower_env
 
 log = logging.getLogger("fedhelix")
@@ -166,7 +166,10 @@ def simulate(
     report = json.loads(report_path.read_text())
     report["run_dir"] = str(out)
     if report["status"] != "completed":
-        raise FedhelixError(f"study '{study.name}' failed: {report['error']} (report: {out / 'report.html'})")
+        # The coordinator saw only the sites' error codes; the researcher is every site's IT here.
+        details = read_site_errors(audit_dir)
+        at_sites = f" | at the sites: {' | '.join(details[-3:])}" if details else ""
+        raise FedhelixError(f"study '{study.name}' failed: {report['error']}{at_sites} (report: {out / 'report.html'})")
     return report
 
 

@@ -14,6 +14,7 @@ site's own log. The coordinator recovers the sealed line with
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 _MARK = "fedhelix:"
 
@@ -72,6 +73,16 @@ def error_code(err: BaseException) -> str:
     """The code a site reports for ``err``: its class's ``code``, or E199 for anything unexpected."""
     code = getattr(err, "code", None) if isinstance(err, FedhelixError) else None
     return code if code in CODES else INTERNAL
+
+
+def site_error_log(audit_log: Path, site: str) -> Path:
+    """Where a site keeps its errors in full: ``SITE.errors.log`` beside its audit log, never sent."""
+    return Path(audit_log).with_name(f"{site}.errors.log")
+
+
+def read_site_errors(directory: str | Path) -> list[str]:
+    """Every full error line the sites logged in ``directory`` (a simulation, whose researcher is every site's IT)."""
+    return [line for path in sorted(Path(directory).glob("*.errors.log")) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def sealed_line(site: str, code: str) -> str:
