@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/omics_scale.py
 	$(BIN)/python bench/molecules.py
 	$(BIN)/python bench/round_overhead.py --secagg
+	$(BIN)/python bench/hostile.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

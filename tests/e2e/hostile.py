@@ -17,11 +17,12 @@ the approved model; unknown stages.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import flwr.compat.common.recorddict_compat as compat
 from flwr.app import Context, Message
@@ -262,5 +263,13 @@ def run_in_simulation(study: StudyConfig, ledger_dir: str, audit_dir: str, attac
     return outcomes
 
 
-def with_rounds(study: StudyConfig, rounds: int) -> StudyConfig:
-    return dataclasses.replace(study, rounds=rounds)
+def wdbc_dp_study(root: Path, where: Path, *, secure: bool) -> Path:
+    """A short copy of the bundled WDBC DP study (3 hospitals, epsilon 3), with or without SecAgg+."""
+    base = where / "wdbc"
+    shutil.copytree(root / "studies" / "wdbc", base)
+    for path in (base / "sites").glob("*.toml"):
+        path.write_text(path.read_text().replace("../../../data/wdbc", str(root / "data" / "wdbc")))
+    study = base / "study-dp.toml"
+    text = study.read_text().replace("rounds = 10", "rounds = 3").replace("local_steps = 20", "local_steps = 5")
+    study.write_text(text.replace("seed = 42", f"seed = 42\nsecure_aggregation = {str(secure).lower()}"))
+    return study

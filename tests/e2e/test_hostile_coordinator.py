@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,20 +21,9 @@ from client.audit import verify
 from client.privacy.ledger import PrivacyLedger
 from shared.config import load_study
 
-from .hostile import ATTACKS, Outcome, plain_fit_for_a_secure_study, run_in_simulation
+from .hostile import ATTACKS, Outcome, plain_fit_for_a_secure_study, run_in_simulation, wdbc_dp_study
 
 pytestmark = pytest.mark.e2e
-
-
-def _wdbc_dp(root: Path, where: Path, *, secure: bool) -> Path:
-    base = where / "wdbc"
-    shutil.copytree(root / "studies" / "wdbc", base)
-    for path in (base / "sites").glob("*.toml"):
-        path.write_text(path.read_text().replace("../../../data/wdbc", str(root / "data" / "wdbc")))
-    study = base / "study-dp.toml"
-    text = study.read_text().replace("rounds = 10", "rounds = 3").replace("local_steps = 20", "local_steps = 5")
-    study.write_text(text.replace("seed = 42", f"seed = 42\nsecure_aggregation = {str(secure).lower()}"))
-    return study
 
 
 def _check(outcomes: list[Outcome], sites: list[str], audit_dir: Path) -> None:
@@ -55,7 +43,7 @@ def _check(outcomes: list[Outcome], sites: list[str], audit_dir: Path) -> None:
 
 
 def test_hostile_coordinator_against_a_plain_dp_study(root: Path, tmp_path: Path) -> None:
-    study = load_study(_wdbc_dp(root, tmp_path, secure=False))
+    study = load_study(wdbc_dp_study(root, tmp_path, secure=False))
     outcomes = run_in_simulation(study, str(tmp_path / "ledgers"), str(tmp_path / "audit"), ATTACKS)
     sites = [s.name for s in study.sites]
     _check(outcomes, sites, tmp_path / "audit")
@@ -70,7 +58,7 @@ def test_hostile_coordinator_against_a_plain_dp_study(root: Path, tmp_path: Path
 
 
 def test_hostile_coordinator_against_a_secure_dp_study(root: Path, tmp_path: Path) -> None:
-    study = load_study(_wdbc_dp(root, tmp_path, secure=True))
+    study = load_study(wdbc_dp_study(root, tmp_path, secure=True))
     attacks = [a for a in ATTACKS if a.__name__ not in ("repeated_fit",)] + [plain_fit_for_a_secure_study]
     outcomes = run_in_simulation(study, str(tmp_path / "ledgers"), str(tmp_path / "audit"), attacks)
     _check(outcomes, [s.name for s in study.sites], tmp_path / "audit")
@@ -82,7 +70,7 @@ def test_hostile_coordinator_against_a_secure_dp_study(root: Path, tmp_path: Pat
 
 def test_sealed_errors_carry_no_site_values(root: Path, tmp_path: Path) -> None:
     """A contract error provoked by the coordinator names columns at the site, never in the reply."""
-    study = dataclasses.replace(load_study(_wdbc_dp(root, tmp_path, secure=False)))
+    study = dataclasses.replace(load_study(wdbc_dp_study(root, tmp_path, secure=False)))
     from .hostile import unknown_feature
 
     outcomes = run_in_simulation(study, str(tmp_path / "ledgers"), str(tmp_path / "audit"), [unknown_feature])
