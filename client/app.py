@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,7 @@ from flwr.client import Client, ClientApp, NumPyClient
 from flwr.app.message_type import MessageType
 from flwr.client.mod import secaggplus_mod
 import flwr.compat.common.recorddict_compat as compat
-from flwr.clientapp.typing import ClientAppCallable
+from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
 
 from client.approved_plan import approved_study, check_labels, check_selected, checked_plan
@@ -358,8 +358,15 @@ def _site_error_log(audit_log: Path, site: str) -> Path:
     return path
 
 
-def create_client_app(study_path: str | None = None, ledger_dir: str | None = None, audit_dir: str | None = None) -> ClientApp:
-    """Build the ClientApp; ``study_path`` pins the study in simulation (else run config).
+def create_client_app(
+    study: str | Path | StudyConfig | None = None, ledger_dir: str | None = None, audit_dir: str | None = None,
+    *, mods: Sequence[Mod] = (),
+) -> ClientApp:  # fmt: skip
+    """Build the ClientApp; ``study`` (a file or the parsed study) pins it in simulation (else run config).
+
+    In a simulation the researcher is every site's IT: the study it passes here is
+    the study every simulated site approved, and each request is checked against it.
+    ``mods`` run inside the sealing mod and outside secure aggregation (fault injection in tests).
 
     ``ledger_dir`` (simulations only) keeps each run's privacy ledgers apart
     from the sites' real ledgers. A node may relocate its ledgers with its own
@@ -367,12 +374,12 @@ def create_client_app(study_path: str | None = None, ledger_dir: str | None = No
     ``audit_dir`` (simulations) holds each site's audit log; a node's log is its
     node config ``audit-log``, else ``SITE.audit.jsonl`` beside its site file.
     """
-    simulation = study_path is not None
+    simulation = study is not None
 
     def site_of(context: Context) -> tuple[SiteConfig, StudyConfig, AuditLog]:
-        site = resolve_site(context, study_path)
+        site = resolve_site(context, study)
         audit = AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
-        return site, approved_study(context, site, study_path), audit
+        return site, approved_study(context, site, study), audit
 
     def client_fn(context: Context) -> Client:
         torch.set_num_threads(1)  # tiny models; one thread avoids oversubscribing small hosts
@@ -382,7 +389,7 @@ def create_client_app(study_path: str | None = None, ledger_dir: str | None = No
         client = SiteClient(site, str(ledgers) if ledgers else None, simulation, audit, approved=study, guard=guard, run=str(context.run_id))
         return client.to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[make_sealing_mod(site_of), make_secure_aggregation_mod(site_of)])
+    return ClientApp(client_fn=client_fn, mods=[make_sealing_mod(site_of), *mods, make_secure_aggregation_mod(site_of)])
 
 
 app = create_client_app()

@@ -48,10 +48,12 @@ class PlanRefused(RequestRefused):
     """A request's plan differs from what the approved study allows."""
 
 
-def approved_study(context: Context, site: SiteConfig, study_path: str | None = None) -> StudyConfig:
-    """The study this site agreed to: the researcher's file in simulation, the signed and approved one deployed."""
-    if study_path is not None:
-        return _study_file(str(resolve_path(study_path)))
+def approved_study(context: Context, site: SiteConfig, study: str | Path | StudyConfig | None = None) -> StudyConfig:
+    """The study this site agreed to: the researcher's study in simulation, the signed and approved one deployed."""
+    if isinstance(study, StudyConfig):
+        return study
+    if study is not None:
+        return _study_file(str(resolve_path(str(study))))
     encoded = str(context.run_config.get(STUDY_B64_KEY, "") or "")
     if SITE_CONFIG_KEY in context.node_config:  # a deployed node: only the signed, approved study counts
         if not encoded:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Context
 
-from shared.config import SiteConfig, check_format, load_site, load_site_ref, load_study
+from shared.config import SiteConfig, StudyConfig, check_format, load_site, load_site_ref, load_study
 from shared.contract import SiteData, load_site_data
 from shared.errors import ConfigError
 from shared.preprocess import Standardizer
@@ -19,14 +19,14 @@ from shared.plan import TrainingPlan
 SITE_CONFIG_KEY = "site-config"  # node config key in deployment: path to the site file
 
 
-def resolve_site(context: Context, study_path: str | None = None) -> SiteConfig:
+def resolve_site(context: Context, study_ref: str | StudyConfig | None = None) -> SiteConfig:
     """Deployment: the node's ``site-config``; simulation: the study's site at this partition."""
     if SITE_CONFIG_KEY in context.node_config:
         return load_site(resolve_path(str(context.node_config[SITE_CONFIG_KEY])))
-    study_ref = study_path or context.run_config.get("study")
+    study_ref = study_ref or context.run_config.get("study")
     if study_ref is None or "partition-id" not in context.node_config:
         raise ConfigError(f"node has no '{SITE_CONFIG_KEY}' in its node config; start it with --node-config \"{SITE_CONFIG_KEY}='SITE.toml'\"")
-    study = load_study(resolve_path(str(study_ref)))
+    study = study_ref if isinstance(study_ref, StudyConfig) else load_study(resolve_path(str(study_ref)))
     index = int(context.node_config["partition-id"])
     if index >= len(study.sites):
         raise ConfigError(f"simulation node {index} has no site in {study.path} ({len(study.sites)} listed)")

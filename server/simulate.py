@@ -146,7 +146,7 @@ def simulate(
             watcher.start()
         run_simulation(
             server_app=create_server_app(study, out, observe, resume=resume is not None),
-            client_app=_load_client_app_factory()(str(study.path), str(ledger_dir), str(audit_dir)),
+            client_app=_load_client_app_factory()(study, str(ledger_dir), str(audit_dir)),  # the study every simulated site approved
             num_supernodes=len(study.sites),
             backend_config=backend,
             verbose_logging=verbose,

@@ -256,7 +256,7 @@ def run_in_simulation(study: StudyConfig, ledger_dir: str, audit_dir: str, attac
     outcomes: list[Outcome] = []
     run_simulation(
         server_app=hostile_server_app(study, outcomes, attacks),
-        client_app=create_client_app(str(study.path), ledger_dir, audit_dir),
+        client_app=create_client_app(study, ledger_dir, audit_dir),
         num_supernodes=len(study.sites),
         backend_config={"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2, "include_dashboard": False}},
     )

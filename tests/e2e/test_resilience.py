@@ -65,21 +65,13 @@ def faulty_client_factory(faults: dict[tuple[int, int], str]):
     by value, so nothing here has to be importable there.
     """
 
-    def factory(study_path: str, ledger_dir: str, audit_dir: str):
+    def factory(study, ledger_dir: str, audit_dir: str):
         import flwr.compat.common.recorddict_compat as compat
         from flwr.app import Message
         from flwr.app.message_type import MessageType
-        from flwr.client import ClientApp
         from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
 
-        from client.app import SiteClient, secure_aggregation_mod
-        from client.audit import AuditLog, audit_path
-        from client.site_data import resolve_site
-
-        def client_fn(context):
-            torch.set_num_threads(1)
-            site = resolve_site(context, study_path)
-            return SiteClient(site, ledger_dir, True, AuditLog(audit_path(site.name, site.path, audit_dir), site.name)).to_client()
+        from client.app import create_client_app
 
         def corrupt(msg, ctxt, call_next):
             if msg.metadata.message_type != MessageType.TRAIN:
@@ -101,7 +93,7 @@ def faulty_client_factory(faults: dict[tuple[int, int], str]):
             fitres.parameters = ndarrays_to_parameters(arrays)
             return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
-        return ClientApp(client_fn=client_fn, mods=[corrupt, secure_aggregation_mod])
+        return create_client_app(study, ledger_dir, audit_dir, mods=[corrupt])
 
     return factory
 
@@ -130,7 +122,7 @@ def test_bad_updates_are_rejected_and_a_crashed_site_is_dropped(root: Path, tmp_
     assert "max_update_norm" in page and "hospital_c" in page
     # The audit logs hold what the sites themselves sent (before the injected corruption on the wire).
     audit = verify(tmp_path / "run" / "audit" / "hospital_a.audit.jsonl")
-    assert audit.kinds == {"handshake": 1, "update": 4, "metrics": 5}  # round 4 crashed before anything was sent
+    assert audit.kinds == {"handshake": 1, "update": 4, "metrics": 5, "error": 1}  # round 4 crashed: only its sealed error left
 
 
 def _run_cli(*args: str, cwd: Path) -> subprocess.Popen:
