@@ -39,7 +39,7 @@ def _check(outcomes: list[Outcome], sites: list[str], audit_dir: Path) -> None:
         assert len(errors) >= tried // len(sites), f"{site}: {len(errors)} refusals logged for {tried // len(sites)} attacks"
         assert summary.kinds.get("error") == len(errors)
         full = (audit_dir / f"{site}.errors.log").read_text()
-        assert re.search(r"E130 .*differs from the approved study in .*privacy", full), "the site's own log keeps the whole line"
+        assert re.search(r"E130 .*site '[\w]+' refused", full), "the site's own log keeps the whole line"
 
 
 def test_hostile_coordinator_against_a_plain_dp_study(root: Path, tmp_path: Path) -> None:
@@ -49,6 +49,8 @@ def test_hostile_coordinator_against_a_plain_dp_study(root: Path, tmp_path: Path
     _check(outcomes, sites, tmp_path / "audit")
     by_name = {o.name: o for o in outcomes}
     assert set(by_name["plan_dp_off"].codes) == {"E130"}
+    full = (tmp_path / "audit" / f"{sites[0]}.errors.log").read_text()
+    assert re.search(r"E130 .*differs from the approved study in .*privacy", full), "the site's log names what differed"
     assert set(by_name["repeated_fit"].codes) == {"E140"} and by_name["repeated_fit"].sent == 2 * len(sites)
     assert set(by_name["counting_oracle"].codes) == {"E140"} and by_name["counting_oracle"].sent == 20 * len(sites)
     for site in sites:  # the one scheduled fit was charged; nothing else
