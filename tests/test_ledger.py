@@ -13,9 +13,10 @@ import pandas as pd
 import pytest
 
 import client.app as client_app
+from client.audit import AuditLog
 from client.app import SiteClient
 from shared.accounting import epsilon
-from client.privacy.ledger import BudgetRefused, LedgerEntry, LedgerError, PrivacyLedger, _digest
+from client.privacy.ledger import BudgetRefused, LedgerEntry, LedgerError, PrivacyLedger, _digest, _head, _legacy_digest, default_key_path
 from shared.config import parse_site, parse_study
 from shared.errors import ConfigError
 from shared.models import build_model
@@ -47,6 +48,12 @@ def _quiet_opacus():
 def entry(study: str, rnd: int, step=STEP_A, eps: float = 0.0) -> LedgerEntry:
     sigma, q, steps = step
     return LedgerEntry(study, rnd, steps, q, sigma, 1.0, "rdp", DELTA, eps)
+
+
+def log_dp_rounds(path: Path, site: str, n: int, epsilon: float | None = 0.5, kind: str = "update") -> None:
+    log = AuditLog(path, site)
+    for r in range(1, n + 1):
+        log.append(study="study-a", server_round=r, kind=kind, epsilon=epsilon)
 
 
 def filled(path: Path, site: str = "st-anne", n: int = 3) -> None:
@@ -191,17 +198,78 @@ def test_tampering_is_an_error_never_a_reset(tmp_path: Path, case: str) -> None:
         PrivacyLedger(path, "st-anne")
 
 
-def test_an_edited_and_correctly_rehashed_entry_breaks_the_chain(tmp_path: Path) -> None:
-    path = tmp_path / "st-anne.ledger.sqlite"
-    filled(path)
+def rechain(path: Path, digest, head, edit=lambda body: body) -> None:
+    """What the attacker did: edit bodies, recompute every link and the stored head and count."""
     db = sqlite3.connect(path, isolation_level=None)
-    body, prev = db.execute("SELECT body, prev_hash FROM entries WHERE seq = 1").fetchone()
+    site = db.execute("SELECT value FROM meta WHERE key = 'site'").fetchone()[0]
+    prev = "0" * 64
+    rows = db.execute("SELECT seq, body FROM entries ORDER BY seq").fetchall()
+    for seq, body in rows:
+        body = edit(body)
+        h = digest(prev, body)
+        db.execute("UPDATE entries SET body = ?, prev_hash = ?, hash = ? WHERE seq = ?", (body, prev, h, seq))
+        prev = h
+    db.execute("UPDATE meta SET value = ? WHERE key = 'head'", (head(site, len(rows), prev),))
+    db.close()
+
+
+def fewer_steps(body: str) -> str:
     edited = body.replace('"steps": 20', '"steps": 1')
     assert edited != body
-    db.execute("UPDATE entries SET body = ?, hash = ? WHERE seq = 1", (edited, _digest(prev, edited)))
-    db.close()
-    with pytest.raises(LedgerError, match="entry 2"):
+    return edited
+
+
+def test_the_attack_edit_and_rechain_with_plain_sha256_is_refused(tmp_path: Path) -> None:
+    """The reviewer's attack: every entry edited down and the chain recomputed with SHA-256."""
+    path = tmp_path / "st-anne.ledger.sqlite"
+    filled(path)
+    spent = PrivacyLedger(path, "st-anne").spent(DELTA)
+    rechain(path, _legacy_digest, lambda site, n, last: last, fewer_steps)
+    with pytest.raises(LedgerError, match="modified at entry 1") as info:
         PrivacyLedger(path, "st-anne")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    # the same re-chain without editing anything is refused too: only the key makes a valid chain
+    filled(other := tmp_path / "other" / "st-anne.ledger.sqlite")
+    rechain(other, _legacy_digest, lambda site, n, last: last)
+    with pytest.raises(LedgerError):
+        PrivacyLedger(other, "st-anne")
+    assert spent > 0
+
+
+def test_the_attack_with_another_key_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "st-anne.ledger.sqlite"
+    filled(path)
+    wrong = bytes(32)
+    rechain(path, lambda prev, body: _digest(wrong, prev, body), lambda site, n, last: _head(wrong, site, n, last), fewer_steps)
+    with pytest.raises(LedgerError, match="modified at entry 1"):
+        PrivacyLedger(path, "st-anne")
+
+
+def test_the_same_rechain_under_the_right_key_verifies(tmp_path: Path) -> None:
+    """Control for the two attacks above: the rechain helper itself builds valid chains given the key."""
+    path = tmp_path / "st-anne.ledger.sqlite"
+    filled(path)
+    key = bytes.fromhex(default_key_path(path).read_text())
+    rechain(path, lambda prev, body: _digest(key, prev, body), lambda site, n, last: _head(key, site, n, last), fewer_steps)
+    assert [e.steps for e in PrivacyLedger(path, "st-anne").entries] == [1, 1, 1]
+
+
+def test_truncation_with_a_reused_old_head_is_refused(tmp_path: Path) -> None:
+    """Removing the newest entry and restoring the head the ledger had before it: the head binds the count."""
+    path = tmp_path / "st-anne.ledger.sqlite"
+    filled(path, n=2)
+    db = sqlite3.connect(path)
+    old_head = db.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()[0]
+    db.close()
+    ledger = PrivacyLedger(path, "st-anne")
+    ledger.record(entry("study-a", 3))
+    ledger.close()
+    tamper(path, "DELETE FROM entries WHERE seq = 3", "UPDATE meta SET value = '2' WHERE key = 'count'", f"UPDATE meta SET value = '{old_head}' WHERE key = 'head'")
+    assert len(PrivacyLedger(path, "st-anne").entries) == 2  # an exact earlier state verifies on its own...
+    audit = tmp_path / "st-anne.audit.jsonl"
+    log_dp_rounds(audit, "st-anne", 3)
+    with pytest.raises(LedgerError, match="holds 2 entries while the audit log .* records 3 DP round"):
+        PrivacyLedger(path, "st-anne", audit_log=audit)  # ...but not against the audit log
 
 
 def test_tampering_between_open_and_record_is_caught_at_record(tmp_path: Path) -> None:
