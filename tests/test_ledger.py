@@ -177,6 +177,11 @@ TAMPERS = {
     ],
     "delete the last entry": ["DELETE FROM entries WHERE seq = 3"],
     "delete the last entry and fix the count": ["DELETE FROM entries WHERE seq = 3", "UPDATE meta SET value = '2' WHERE key = 'count'"],
+    "delete the last entry and fix count and head": [  # the old, unkeyed ledger's stated limit
+        "DELETE FROM entries WHERE seq = 3",
+        "UPDATE meta SET value = '2' WHERE key = 'count'",
+        "UPDATE meta SET value = (SELECT hash FROM entries WHERE seq = 2) WHERE key = 'head'",
+    ],
     "delete the first entry": ["DELETE FROM entries WHERE seq = 1", "UPDATE meta SET value = '2' WHERE key = 'count'"],
     "delete every entry": ["DELETE FROM entries", "UPDATE meta SET value = '0' WHERE key = 'count'"],
     "drop the entries table": ["DROP TABLE entries"],
