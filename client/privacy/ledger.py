@@ -229,16 +229,15 @@ class PrivacyLedger:
             log.info("site '%s': created privacy ledger %s (key %s)", self.site, self.path, self.key_path)
 
     def _load(self) -> None:
-        """Verify in one read transaction; re-key an old-format ledger under the write lock."""
+        """Verify in one read transaction; settle an old-format ledger under the write lock."""
         self._db.execute("BEGIN")
         try:
             meta = self._meta()
-            legacy = meta.get("format") is None
             self._entries = self._verify(meta)
         finally:
             self._db.execute("COMMIT")
-        if legacy and not self.readonly:
-            self._migrate()
+        if meta.get("format") is None and not (self.readonly and not self.key_path.exists()):
+            self._migrate()  # another process may be re-keying it right now: decide under the lock
 
     def _meta(self) -> dict[str, str]:
         meta = dict(self._db.execute("SELECT key, value FROM meta").fetchall())
@@ -249,15 +248,10 @@ class PrivacyLedger:
         return meta
 
     def _verify(self, meta: dict[str, str]) -> list[LedgerEntry]:
-        """Check every link and the head; an old-format ledger only while no key exists."""
+        """Check every link and the head, under the key (or the old plain SHA-256 chain)."""
         if meta.get("format") == FORMAT:
             key = self._key = _read_key(self.key_path, self.path)
             digest = lambda prev, body: _digest(key, prev, body)  # noqa: E731
-        elif self.key_path.exists():
-            raise LedgerError(
-                f"privacy ledger {self.path} has an unkeyed (old-format) chain although its key {self.key_path} exists: "
-                "an old copy replaced it, or its migration was interrupted; restore the ledger from backup"
-            )
         else:
             key, digest = None, _legacy_digest
         prev = GENESIS
@@ -274,13 +268,25 @@ class PrivacyLedger:
         return entries
 
     def _migrate(self) -> None:
-        """Re-chain a verified old-format ledger under a new key, in one write transaction."""
+        """Re-chain a verified old-format ledger under a new key, in one write transaction.
+
+        Only while no key exists: an unkeyed ledger beside its key is an old copy
+        put back (a downgrade), never a ledger to adopt.
+        """
         self._db.execute("BEGIN IMMEDIATE")
         created = False
         try:
             meta = self._meta()
             self._entries = self._verify(meta)  # another process may have migrated meanwhile
             if meta.get("format") == FORMAT:
+                self._db.execute("COMMIT")
+                return
+            if self.key_path.exists():
+                raise LedgerError(
+                    f"privacy ledger {self.path} has an unkeyed (old-format) chain although its key {self.key_path} exists: "
+                    "an old copy replaced it, or its migration was interrupted; restore the ledger from backup"
+                )
+            if self.readonly:
                 self._db.execute("COMMIT")
                 return
             created = _create_key(self.key_path)
