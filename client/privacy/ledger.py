@@ -136,7 +136,7 @@ def _create_key(path: Path) -> bool:
         os.close(fd)
     if not _publish(tmp, path):
         return False
-    log.warning("created privacy ledger key %s: back it up with the ledger; without it the ledger cannot be verified", path)
+    log.info("created privacy ledger key %s: back it up with the ledger; without it the ledger cannot be verified", path)
     return True
 
 
@@ -189,7 +189,10 @@ class PrivacyLedger:
                 raise LedgerError(f"privacy ledger {self.path} of site '{site}' not found")
             self._create()
         self._key = b""
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)  # lazy: opens nothing yet
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except sqlite3.DatabaseError as err:
+            raise LedgerError(f"privacy ledger {self.path} of site '{site}' cannot be opened ({err})") from None
         try:
             self._db.executescript(SCHEMA)
             self._load()
