@@ -358,6 +358,11 @@ def dp_plan(name: str = "dp-study", rounds: int = 2, target: float = 1.0) -> Tra
     return TrainingPlan.from_study(study)
 
 
+def site_audit(directory: Path) -> AuditLog:
+    """The test's own audit log: a site parsed without a file would log into the working directory."""
+    return AuditLog(directory / "st-clare.audit.jsonl", "st-clare")
+
+
 @pytest.fixture
 def train_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
@@ -388,7 +393,7 @@ def test_dp_fit_records_each_round_and_refuses_past_the_budget(tmp_path: Path, t
 
     results = []
     for rnd in (1, 2):
-        delta, n, metrics = SiteClient(site, simulation=True).fit([w.copy() for w in weights], {PLAN_KEY: plan.to_json(), ROUND_KEY: rnd})
+        delta, n, metrics = SiteClient(site, simulation=True, audit=site_audit(tmp_path)).fit([w.copy() for w in weights], {PLAN_KEY: plan.to_json(), ROUND_KEY: rnd})
         assert ledger_rows(ledger_path) == rnd  # exactly one entry per round
         assert n == 80
         assert any(np.abs(d).sum() > 0 for d in delta)
@@ -410,7 +415,7 @@ def test_dp_fit_records_each_round_and_refuses_past_the_budget(tmp_path: Path, t
 
     # a third round (beyond the plan) would exceed the site's budget: refused before training
     with pytest.raises(BudgetRefused) as info:
-        SiteClient(site, simulation=True).fit([w.copy() for w in weights], {PLAN_KEY: plan.to_json(), ROUND_KEY: 3})
+        SiteClient(site, simulation=True, audit=site_audit(tmp_path)).fit([w.copy() for w in weights], {PLAN_KEY: plan.to_json(), ROUND_KEY: 3})
     message = str(info.value)
     assert "site 'st-clare'" in message and "round 3" in message and "study 'dp-study'" in message
     assert ledger_rows(ledger_path) == 2
@@ -419,7 +424,7 @@ def test_dp_fit_records_each_round_and_refuses_past_the_budget(tmp_path: Path, t
     # another study at the same site composes with the first: its very first round is refused
     other = dp_plan(name="other-study", rounds=2, target=1.0)
     with pytest.raises(BudgetRefused) as info:
-        SiteClient(site, simulation=True).fit([w.copy() for w in weights], {PLAN_KEY: other.to_json(), ROUND_KEY: 1})
+        SiteClient(site, simulation=True, audit=site_audit(tmp_path)).fit([w.copy() for w in weights], {PLAN_KEY: other.to_json(), ROUND_KEY: 1})
     assert "study 'other-study'" in str(info.value) and "round 1" in str(info.value)
     assert ledger_rows(ledger_path) == 2
     assert train_calls == [1, 2]
@@ -433,7 +438,7 @@ def test_dp_fit_is_reproducible_with_reproducible_noise(tmp_path: Path) -> None:
         (tmp_path / sub).mkdir()
         site = write_binary_site(tmp_path / sub, privacy={"epsilon_budget": 5.0, "delta": 1e-5})
         assert site.privacy.ledger == (tmp_path / sub / "st-clare.ledger.sqlite").resolve()  # the default name
-        deltas.append(SiteClient(site, simulation=True).fit(weights, {PLAN_KEY: plan.to_json(), ROUND_KEY: 1})[0])
+        deltas.append(SiteClient(site, simulation=True, audit=site_audit(tmp_path / sub)).fit(weights, {PLAN_KEY: plan.to_json(), ROUND_KEY: 1})[0])
         assert ledger_rows(site.privacy.ledger) == 1
     assert all(np.array_equal(a, b) for a, b in zip(*deltas))
 
@@ -443,7 +448,7 @@ def test_dp_study_at_a_site_without_privacy_section_is_a_config_error(tmp_path: 
     plan = dp_plan()
     weights = get_weights(build_model("logistic", "binary", 3, seed=1))
     with pytest.raises(ConfigError) as info:
-        SiteClient(site, simulation=True).fit(weights, {PLAN_KEY: plan.to_json(), ROUND_KEY: 1})
+        SiteClient(site, simulation=True, audit=site_audit(tmp_path)).fit(weights, {PLAN_KEY: plan.to_json(), ROUND_KEY: 1})
     message = str(info.value)
     assert "site 'st-clare'" in message and "[privacy]" in message and "epsilon_budget" in message
     assert "\n" not in message
@@ -496,7 +501,7 @@ def test_reproducible_noise_is_refused_outside_a_simulation(tmp_path: Path, trai
     site = write_binary_site(tmp_path, privacy={"epsilon_budget": 5.0, "delta": 1e-5})
     weights = get_weights(build_model("logistic", "binary", 3, seed=1))
     with pytest.raises(ConfigError, match="reproducible DP noise"):
-        SiteClient(site).fit(weights, {PLAN_KEY: dp_plan().to_json(), ROUND_KEY: 1})
+        SiteClient(site, audit=site_audit(tmp_path)).fit(weights, {PLAN_KEY: dp_plan().to_json(), ROUND_KEY: 1})
     assert train_calls == [] and not site.privacy.ledger.exists()
 
 
