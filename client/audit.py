@@ -5,14 +5,15 @@ node sends (handshake counts, statistics, model updates, evaluation metrics):
 study, round, kind, tensor shapes, the L2 norm of what was sent *before*
 SecAgg+ masking, epsilon spent so far, and the SHA-256 of the payload.
 
-Each line carries the SHA-256 of its own content and of the previous line (as
-the privacy ledger does, :mod:`client.privacy.ledger`), and a small ``.head``
-file beside the log holds the number of entries and the last hash, so an
-edited, removed, reordered or truncated entry is found by :func:`verify`.
+Each line carries the SHA-256 of its own content and of the previous line,
+and a small ``.head`` file beside the log holds the number of entries and the
+last hash, so an edited, removed, reordered or truncated entry is found by :func:`verify`.
 Limits, stated plainly: someone who rewrites the whole chain *and* the head
 consistently is not detected by the files alone; copy the head to another
 system (or print it) to anchor it. The log is written before the reply leaves:
-a reply that cannot be logged is not sent.
+a reply that cannot be logged is not sent. New logs and heads are owner-only
+(0600). The privacy ledger counts this log's DP updates (:func:`dp_rounds`)
+to refuse a deleted or rolled-back ledger.
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ class AuditLog:
         """Record one outgoing message; raise :class:`AuditError` if it cannot be recorded."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a+", encoding="utf-8") as fh:
+            # a new log is owner-only from its first byte; an existing one keeps its mode
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a+", encoding="utf-8") as fh:
                 fcntl.flock(fh, fcntl.LOCK_EX)
                 try:
                     seq, prev = _tail(self.path)
@@ -145,9 +148,17 @@ def _tail(path: Path) -> tuple[int, str]:
 
 
 def _write_head(path: Path, entries: int, digest: str) -> None:
+    """Replace the head atomically (called under the log's lock); a new head is 0600, an existing one keeps its mode."""
     head = _head_path(path)
     tmp = head.with_name(head.name + ".tmp")
-    tmp.write_text(json.dumps({"entries": entries, "head": digest}))
+    try:
+        mode = head.stat().st_mode & 0o777
+    except FileNotFoundError:
+        mode = 0o600
+    tmp.unlink(missing_ok=True)  # a stale one from a crash would keep its old mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps({"entries": entries, "head": digest}))
     os.replace(tmp, head)
 
 
@@ -196,6 +207,33 @@ def verify(path: str | Path) -> AuditSummary:
     if entries < count:
         raise AuditError(f"audit log {path}: the head records {entries} entries but the log has {count} (an append was interrupted, or the head was restored from an old copy)")
     return AuditSummary(path, count, prev, tuple(sites), tuple(studies), kinds)
+
+
+def dp_rounds(path: str | Path, site: str) -> int:
+    """How many DP model updates ``site`` sent according to the log (0 without a log).
+
+    The privacy ledger records each DP round before its update is logged, so a
+    ledger never holds fewer entries than this: a missing or shorter ledger was
+    deleted or rolled back. Counts lines only; :func:`verify` checks the chain.
+    """
+    path = Path(path)
+    if not path.exists():
+        return 0
+    count = 0
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    ours = entry["site"] == site and entry["kind"] == "update" and entry["epsilon"] is not None
+                except (ValueError, KeyError, TypeError):
+                    raise AuditError(f"audit log {path}, line {lineno}: not an audit entry, so its DP rounds cannot be counted; restore the log from backup") from None
+                count += ours
+    except OSError as err:
+        raise AuditError(f"audit log {path} is unreadable ({err.strerror or err}); its DP rounds cannot be counted") from None
+    return count
 
 
 AUDIT_LOG_KEY = "audit-log"  # node config key: where this node writes its audit log

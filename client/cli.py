@@ -40,15 +40,18 @@ def ledger_show_command(
     accountant: Annotated[str, typer.Option(help="Accountant used to compose the history: rdp or prv.")] = "rdp",
 ) -> None:
     """Show every DP round this site's data was used for, epsilon spent and budget left."""
+    from client.audit import audit_path, dp_rounds
     from client.privacy.ledger import PrivacyLedger
 
     config = load_site(site)
     if config.privacy is None:
         raise ConfigError(f"site file {config.path} has no [privacy] section (ledger, epsilon_budget)")
-    if not config.privacy.ledger.exists():
+    audit = audit_path(config.name, config.path)
+    if not config.privacy.ledger.exists() and not dp_rounds(audit, config.name):
         console.print(f"site '{config.name}': no ledger yet at {config.privacy.ledger} (nothing spent; it is created on first use)")
         return
-    ledger = PrivacyLedger(config.privacy.ledger, config.name)
+    # verified under its key; missing or shorter than the DP rounds the audit log records is an error
+    ledger = PrivacyLedger(config.privacy.ledger, config.name, config.privacy.ledger_key, audit_log=audit, readonly=True)
     entries = ledger.entries
     table = Table(title=f"privacy ledger of site '{config.name}' ({config.privacy.ledger})")
     for column in ("#", "when", "study", "round", "steps", "q", "sigma", "C", "accountant", "epsilon after"):

@@ -100,6 +100,7 @@ class SitePrivacy:
     epsilon_budget: float
     delta: float  # the site's delta: its ledger is accounted at this value, whatever a study asks
     allow_site_level: bool = False  # accept site-level DP, where the coordinator adds the noise
+    ledger_key: Path | None = None  # the ledger's HMAC key file; None = LEDGER.key beside the ledger
 
 
 @dataclass(frozen=True)
@@ -500,11 +501,16 @@ def parse_site(doc: dict[str, Any], source: str = "site", base_dir: Path | None 
         ledger = Path(p.get("ledger", str, f"{name}.ledger.sqlite"))
         if base_dir is not None and not ledger.is_absolute():
             ledger = (base_dir / ledger).resolve()
+        ledger_key = p.get("ledger_key", str, None)
+        key = None if ledger_key is None else Path(ledger_key)
+        if key is not None and base_dir is not None and not key.is_absolute():
+            key = (base_dir / key).resolve()
         privacy = SitePrivacy(
             ledger=ledger,
             epsilon_budget=p.positive("epsilon_budget", float),
             delta=p.positive("delta", float),
             allow_site_level=p.get("allow_site_level", bool, False),
+            ledger_key=key,
         )
         p.done()
         if not privacy.delta < 1:

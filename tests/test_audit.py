@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pandas as pd
 import pytest
 
 from client.app import SiteClient
-from client.audit import AuditError, AuditLog, audit_path, payload_digest, verify
+from client.audit import AuditError, AuditLog, audit_path, dp_rounds, payload_digest, verify
 from shared.config import load_site, parse_study
 from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
 
@@ -117,3 +119,40 @@ def test_cli_verify_exit_codes(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "fedhelix.cli", "audit", "verify", str(path)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "line 2" in bad.stderr and "removed or reordered" in " ".join(bad.stderr.split())
+
+
+def test_a_new_log_and_its_head_are_owner_only_even_with_an_open_umask(tmp_path: Path) -> None:
+    old = os.umask(0)
+    try:
+        fill(tmp_path / "a.jsonl", 2)
+    finally:
+        os.umask(old)
+    for name in ("a.jsonl", "a.jsonl.head"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "a.jsonl.head"]  # no temporary head left
+
+
+def test_an_existing_log_keeps_working_and_keeps_its_mode(tmp_path: Path) -> None:
+    """A log written before logs were owner-only: appends continue, nobody's access changes under them."""
+    path = tmp_path / "a.jsonl"
+    fill(path, 2)
+    path.chmod(0o644)
+    (tmp_path / "a.jsonl.head").chmod(0o640)
+    (tmp_path / "a.jsonl.head.tmp").write_text("stale")  # left by a crash
+    AuditLog(path, "site-a").append(study="s", server_round=3, kind="metrics")
+    assert verify(path).entries == 3
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and stat.S_IMODE((tmp_path / "a.jsonl.head").stat().st_mode) == 0o640
+
+
+def test_dp_rounds_counts_this_sites_dp_updates_only(tmp_path: Path) -> None:
+    path = tmp_path / "a.jsonl"
+    assert dp_rounds(path, "site-a") == 0  # no log yet
+    fill(path, 3)  # DP updates (epsilon set)
+    log = AuditLog(path, "site-a")
+    log.append(study="s", server_round=4, kind="update")  # not DP
+    log.append(study="s", server_round=4, kind="metrics", epsilon=1.0)  # not an update
+    AuditLog(path, "site-b").append(study="s", server_round=1, kind="update", epsilon=0.2)  # another site
+    assert dp_rounds(path, "site-a") == 3 and dp_rounds(path, "site-b") == 1 and dp_rounds(path, "site-c") == 0
+    path.write_text(path.read_text() + "{torn line\n")
+    with pytest.raises(AuditError, match="line 7: not an audit entry"):
+        dp_rounds(path, "site-a")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from client.audit import audit_path
 from shared.accounting import Step, calibrate_noise, is_calibrated
 from client.privacy.ledger import PrivacyLedger
 from shared.config import SiteConfig, SitePrivacy
@@ -79,8 +80,21 @@ def _recorded_noise(ledger: PrivacyLedger, plan: TrainingPlan, delta: float, sam
     return None
 
 
-def open_ledger(site: SiteConfig, ledger_dir: str | Path | None = None) -> tuple[PrivacyLedger, float]:
-    """The site's ledger and budget; ``ledger_dir`` relocates ledgers (simulations only)."""
+def open_ledger(site: SiteConfig, ledger_dir: str | Path | None = None, audit_log: str | Path | None = None) -> tuple[PrivacyLedger, float]:
+    """The site's ledger and budget; ``ledger_dir`` relocates ledgers (simulations, node config ``ledger-dir``).
+
+    ``audit_log`` is the log this node writes (in a simulation, the simulation's):
+    a ledger that is missing, or shorter than the DP rounds the log records, is
+    refused instead of starting the budget afresh. Left out, the log beside the
+    site file is consulted for a ledger that is not relocated; a relocated one
+    cannot guess its log. A relocated ledger keeps its key beside it, so a
+    simulation never creates or reads the site's real key.
+    """
     privacy = site_privacy(site)
-    path = Path(ledger_dir) / f"{site.name}.ledger.sqlite" if ledger_dir else privacy.ledger
-    return PrivacyLedger(path, site.name), privacy.epsilon_budget
+    if ledger_dir:
+        path, key = Path(ledger_dir) / f"{site.name}.ledger.sqlite", None
+    else:
+        path, key = privacy.ledger, privacy.ledger_key
+    if audit_log is None and not ledger_dir and site.path is not None:
+        audit_log = audit_path(site.name, site.path)
+    return PrivacyLedger(path, site.name, key, audit_log=Path(audit_log) if audit_log is not None else None), privacy.epsilon_budget
