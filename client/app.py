@@ -227,7 +227,7 @@ class SiteClient(NumPyClient):
                 f"site '{self.site.name}' refused: the study asks for reproducible DP noise, which the coordinator "
                 "could predict and subtract; that setting is for simulations only"
             )
-        ledger, budget = open_ledger(self.site, self.ledger_dir)
+        ledger, budget = open_ledger(self.site, self.ledger_dir, self.audit.path)
         try:
             dp = plan_dp_round(plan, self.site, data.n_train, ledger)
             ledger.check(plan.study, server_round, dp.step, dp.delta, dp.accountant, budget)
