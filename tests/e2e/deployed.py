@@ -76,7 +76,8 @@ def ledger_rows(site_file: Path) -> list:
         ledger.close()
 
 
-# `flwr run` that sends these FAB bytes as they are, instead of building them from the app's files.
+# `flwr run` that sends these FAB bytes as they are, instead of building them from the app's files
+# (patched in the module flwr.cli.run.run, which its package's `run` function shadows as an attribute).
 _RAW_FAB_RUN = (
     "import importlib, sys; from pathlib import Path; r = importlib.import_module('flwr.cli.run.run'); fab = Path(sys.argv.pop(1)).read_bytes(); "
     "r.build_fab_from_disk = lambda app: fab; from flwr.cli.app import app; sys.argv[0] = 'flwr'; app()"
@@ -98,4 +99,4 @@ def run_fab_as_is(admin_kit: Path, fab: bytes, run_config: Mapping[str, object],
     home = flwr_home_for(kit.path / "ca.crt", kit.control_address, workdir / "flwr-home")
     config = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
     command = [sys.executable, "-c", _RAW_FAB_RUN, str(workdir / "app.fab"), "run", str(app), CONNECTION, "--stream", "--run-config", config]
-    return subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=timeout)  # flwr.cli.run.run: the module, not the function its package exports
+    return subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=timeout)
