@@ -438,3 +438,60 @@ def test_every_refusal_kind_has_its_own_fixed_code() -> None:
     reasons = [coordinator_reason(kind("site 'x' refuses: secret detail")) for kind in kinds]
     assert len(set(reasons)) == len(kinds) - 1  # ConfigError: the generic code, like a bare ApprovalError
     assert all("secret" not in r and r.startswith("fedhelix: E-APPROVAL") for r in reasons)
+
+
+# --------------------------------------------------------------------------- what `fedhelix run` signs
+
+
+def test_fedhelix_run_signs_a_fresh_identity_and_retry_re_signs_it_with_the_next_attempt(site, real_fab: bytes, tmp_path: Path, monkeypatch) -> None:
+    import server.submit as submit
+    from server.provision import ConsortiumConfig, provision
+    from shared.pki import load_certificate
+
+    provision(ConsortiumConfig(name="demo", server_address="127.0.0.1:8000", sites=("northeast", "south")), tmp_path / "kits")
+    sent: list[dict] = []
+
+    class Started:  # `flwr run` that starts the run and ends; no ServerApp writes a report
+        stdout = iter(["Successfully started run 4242424242\n"])
+
+        def wait(self, timeout: float | None = None) -> int:
+            return 0
+
+    def popen(command: list[str], **_kwargs: object) -> Started:
+        pairs = command[command.index("--run-config") + 1].split(" ")
+        sent.append({k: json.loads(v) for k, v in (pair.split("=", 1) for pair in pairs)})
+        return Started()
+
+    monkeypatch.setattr(submit.subprocess, "Popen", popen)
+    lines: list[str] = []
+
+    def run(**kwargs: object) -> dict:
+        with pytest.raises(submit.FedhelixError, match="ended without a report"):
+            submit.submit_study(STUDY, tmp_path / "kits" / "admin", tmp_path / "runs", on_line=lines.append, **kwargs)
+        return sent[-1]
+
+    admin_cert = load_certificate(tmp_path / "kits" / "admin" / "admin.crt")
+    approve(STUDY, site, code_digest_from_fab(real_fab))  # runs = 1
+    first = run()
+    run_dir = tmp_path / "runs" / "demo-tcga"
+    assert json.loads((run_dir / "run-identity.json").read_text())["nonce"] == first[NONCE_KEY] and first[ATTEMPT_KEY] == 1
+    assert set(decode_roster(first[ROSTER_KEY])) == {"northeast", "south"}
+    expires = dt.datetime.fromisoformat(first[EXPIRES_KEY])
+    assert dt.timedelta(hours=23.9) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=24)
+    check_run("northeast", "demo", first, real_fab, admin_cert, approvals_path(site), 1)  # what the node receives passes
+
+    retried = run(retry=run_dir, valid_hours=2)
+    assert (retried[NONCE_KEY], retried[ATTEMPT_KEY]) == (first[NONCE_KEY], 2) and any("restarting study" in line for line in lines)
+    check_run("northeast", "demo", retried, real_fab, admin_cert, approvals_path(site), 2)
+    again = run()  # a new `fedhelix run`: a new identity, beyond runs = 1
+    assert again[NONCE_KEY] != first[NONCE_KEY] and again[ATTEMPT_KEY] == 1
+    with pytest.raises(RunLimitError):
+        check_run("northeast", "demo", again, real_fab, admin_cert, approvals_path(site), 3)
+
+    (tmp_path / "kits" / "admin" / "roster.json").unlink()  # an admin kit from before rosters still submits
+    assert decode_roster(run()[ROSTER_KEY]) == {} and any("has no roster.json" in line for line in lines)
+    with pytest.raises(ConfigError, match="--valid-hours"):
+        submit.submit_study(STUDY, tmp_path / "kits" / "admin", tmp_path / "runs", valid_hours=0)
+    (run_dir / "run-identity.json").unlink()
+    with pytest.raises(ConfigError, match="holds no run-identity.json"):
+        submit.submit_study(STUDY, tmp_path / "kits" / "admin", tmp_path / "runs", retry=run_dir)
