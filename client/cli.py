@@ -70,11 +70,14 @@ def approve_command(
     study: Annotated[Path, typer.Argument(help="The study file (TOML) the consortium asks this site to take part in.")],
     site: Annotated[Path, typer.Option("--site", help="This hospital's site file (TOML).")],
     code_digest: Annotated[str | None, typer.Option("--code-digest", help="Approve this code digest (from the release notes) instead of this installation's own code.")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=1, help="How many runs of this study (each `fedhelix run` is a new one) the node admits under this approval.")] = 1,
+    resumes: Annotated[int, typer.Option("--resumes", min=1, help="Attempts per run: the first plus the admin's `--resume`/`--retry` of it.")] = 3,
 ) -> None:
-    """Record this site's approval of STUDY with this version of the fedhelix code.
+    """Record this site's approval of STUDY with this version of the fedhelix code, for --runs runs.
 
     The node will train only on study files and code the site approved: a changed study file
-    or a changed line of code needs a new approval.
+    or a changed line of code needs a new approval. Each signed run is admitted once; a replay
+    of its signed config as a new run, or more runs than approved, is refused.
     """
     from client.approval import approvals_path, approve
     from shared.approval import code_digest_of_project
@@ -86,8 +89,9 @@ def approve_command(
         raise ConfigError(f"study '{s.name}' ({study}) does not list site '{config.name}'; nothing approved")
     task_data = load_site_data(config, s.task, s.categories)  # the site's data fits this study
     digest = code_digest or code_digest_of_project(PROJECT_ROOT)
-    record = approve(study, config, digest)
+    record = approve(study, config, digest, runs=runs, resumes=resumes)
     console.print(f"[green]approved[/] study '{record.study}' for site '{config.name}' ({task_data.n_train} train / {task_data.n_test} test rows)")
+    console.print(f"  {record.runs} run(s), {record.resumes} attempt(s) each (first + resumes)")
     console.print(f"  study sha256 {record.study_sha256}\n  code  sha256 {record.code_sha256}\n  recorded in {approvals_path(config)}")
     if s.privacy.dp and config.privacy is not None:
         console.print(f"  DP: the study targets epsilon {s.privacy.target_epsilon:g}; this site's budget is {config.privacy.epsilon_budget:g}")

@@ -5,8 +5,12 @@ code the server sends, so a check there could be removed by whoever sends it. Fl
 SuperNode already has one gate on this path, the FAB verification it runs for each new
 run when ``trusted_entities`` is set (it replies an ``INVALID_FAB`` error and never
 starts the ClientApp). Flower OSS fills that gate only from its hub licence, so we put
-our own check behind it: the run must carry a study signed by the consortium admin,
-and the site must have approved that study file with that code.
+our own check behind it (:func:`client.approval.check_run`): only approvable files in the
+bundle, a run signed by the consortium admin and not expired, approved by the site with
+that code, and a run identity within the runs and resumes the site allowed.
+
+The reason for a refusal stays at the site (its log); the server gets a fixed phrase
+with a code (:func:`coordinator_reason`), never site data such as names or digests.
 
 This wraps private names of ``flwr.supernode.start_client_internal`` (pinned flwr
 1.42.0); :func:`install` asserts they exist so an upgrade fails loudly, not open.
@@ -21,13 +25,28 @@ from typing import Any
 
 from cryptography import x509
 
-from client.approval import check_run, read_approvals
-from shared.approval import ApprovalError
+from client.approval import check_run
+from shared.approval import ATTEMPT_KEY, NONCE_KEY, ApprovalError, ExpiredError, NotApprovedError, RunLimitError, SignatureError, UnapprovedFilesError
 
 log = logging.getLogger("fedhelix.node")
 
 _MARK = "fedhelix-approved"
 _TARGETS = ("_pull_and_store_message", "_verify_fab", "FAB_VERIFICATION_ERROR")
+
+# What the coordinator learns of a refusal: the kind, never the site's data.
+_REASONS: tuple[tuple[type[BaseException], str], ...] = (
+    (UnapprovedFilesError, "E-APPROVAL-FILES the app bundle holds files outside the approved set"),
+    (SignatureError, "E-APPROVAL-SIGNATURE the run is not signed by the consortium admin for this fedhelix release"),
+    (ExpiredError, "E-APPROVAL-EXPIRED the admin's signature of the run has expired"),
+    (NotApprovedError, "E-APPROVAL-NOT-APPROVED the site has not approved this study with this code"),
+    (RunLimitError, "E-APPROVAL-REPLAY the run identity was replayed or exceeds the runs the site approved"),
+)
+
+
+def coordinator_reason(err: BaseException) -> str:
+    """The fixed line the server receives for a refusal (``fedhelix:`` marked, so its report shows it)."""
+    phrase = next((text for kind, text in _REASONS if isinstance(err, kind)), "E-APPROVAL the site could not check the run")
+    return f"fedhelix: {phrase}; the site refused the run (the reason is in the site's log)"
 
 
 def install(site: str, consortium: str, approvals_file: Path, admin_cert: x509.Certificate) -> None:
@@ -47,12 +66,17 @@ def install(site: str, consortium: str, approvals_file: Path, admin_cert: x509.C
             fab = get_fab(fab_hash, run_id)
             run = get_run(run_id)
             try:
-                approval = check_run(site, consortium, dict(run.override_config), fab.content, admin_cert, read_approvals(approvals_file))
-            except ApprovalError as err:
-                log.error("run %s refused: %s", run_id, err.line)
-                sci.FAB_VERIFICATION_ERROR = Error(ErrorCode.INVALID_FAB, str(err))
+                approval = check_run(site, consortium, dict(run.override_config), fab.content, admin_cert, approvals_file, run_id)
+            except Exception as err:  # noqa: BLE001 - whatever fails (a corrupt runs file too), the run is refused
+                line = err.line if isinstance(err, ApprovalError) else f"site '{site}' could not check run {run_id}: {type(err).__name__}: {err}"
+                log.error("run %s refused: %s", run_id, " ".join(line.split()))
+                sci.FAB_VERIFICATION_ERROR = Error(ErrorCode.INVALID_FAB, coordinator_reason(err))
                 return Fab(fab.hash_str, fab.content, {})  # no mark: Flower replies the error above
-            log.info("run %s: study '%s' approved on %s by %s", run_id, approval.study, approval.approved_at, approval.approved_by)
+            log.info(
+                "run %s: study '%s' approved on %s by %s (run identity %s, attempt %s)",
+                run_id, approval.study, approval.approved_at, approval.approved_by,
+                run.override_config.get(NONCE_KEY), run.override_config.get(ATTEMPT_KEY),
+            )  # fmt: skip
             return Fab(fab.hash_str, fab.content, {**fab.verifications, "valid_license": _MARK})
 
         return fetch

@@ -113,9 +113,11 @@ def run_command(
     kit: Annotated[Path, typer.Option("--kit", help="The admin kit directory (kits/admin).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the run's report, model and metrics (per study name).")] = Path("runs"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every line of Flower's log, not only progress.")] = False,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run (its run directory, e.g. runs/<study>) from its last checkpointed round; same study file.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run (its run directory, e.g. runs/<study>) from its last checkpointed round; same study file and run identity, next attempt.")] = None,
+    retry: Annotated[Path | None, typer.Option("--retry", help="Start a run that failed before its first checkpoint (its run directory) again from round 1, under the same run identity (next attempt).")] = None,
+    valid_hours: Annotated[float, typer.Option("--valid-hours", help="Sites admit the signed run for this many hours from now (at most 720).")] = 24.0,
 ) -> None:
-    """Consortium admin: sign STUDY, submit it to the running server, stream progress, print the report."""
+    """Consortium admin: sign STUDY (with a new run identity and an expiry), submit it to the running server, stream progress, print the report."""
     import json
 
     from server.submit import submit_study
@@ -124,7 +126,7 @@ def run_command(
         if verbose or any(word in line for word in ("ROUND", "round", "study", "ERROR", "error", "refuse")):
             console.print(f"[dim]{line}[/]", highlight=False)
 
-    submission = submit_study(study, kit, out, on_line=show, resume=resume)  # raises with the report's reason unless completed
+    submission = submit_study(study, kit, out, on_line=show, resume=resume, retry=retry, valid_hours=valid_hours)  # raises with the report's reason unless completed
     report = json.loads((submission.out_dir / "report.json").read_text())
     print_summary(report)
 

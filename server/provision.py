@@ -4,7 +4,8 @@ One directory ("kit") per role, each holding only what that role needs:
 
 * ``OUT/ca``     the CA key. Keep it offline; it is needed only to re-issue certificates.
 * ``OUT/server`` the server's TLS certificate and key and the allow-list of site node keys.
-* ``OUT/admin``  the admin's signing identity (a certificate from the CA) and connection settings.
+* ``OUT/admin``  the admin's signing identity (a certificate from the CA), connection settings and
+  ``roster.json`` (site name -> node public key), which every signed run carries to the sites.
 * ``OUT/<site>`` the site's node key (ECDSA P-384, OpenSSH format), the CA certificate,
   the admin certificate (to check studies were sent by the admin) and connection settings.
 
@@ -124,6 +125,7 @@ def provision(config: ConsortiumConfig, out: Path, *, now: dt.datetime | None = 
     kits = [_server_kit(config, out / "server", ca, server), _admin_kit(config, out / "admin", ca, admin)]
     for site in config.sites:
         kits.append(_site_kit(config, out, site, ca, admin.cert))
+    write_roster(out)
     return kits
 
 
@@ -140,7 +142,16 @@ def add_site(out: Path, site: str) -> Path:
     config = ConsortiumConfig(**{**config.__dict__, "sites": (*config.sites, site)})
     _write_toml(out / "ca" / "consortium.toml", "consortium", _consortium_values(config))
     _write_toml(out / "server" / "server.toml", "server", _server_values(config))
+    write_roster(out)
     return kit
+
+
+def write_roster(out: Path) -> Path:
+    """``OUT/admin/roster.json``: the server's allow-list as ``{site: OpenSSH public key}``, signed into every run."""
+    roster = {pub.stem: pub.read_text().strip() for pub in sorted((Path(out) / "server" / "nodes").glob("*.pub"))}
+    path = Path(out) / "admin" / "roster.json"
+    write_public(path, (json.dumps(roster, indent=2, sort_keys=True) + "\n").encode())
+    return path
 
 
 def _consortium_values(config: ConsortiumConfig) -> dict[str, object]:
@@ -211,6 +222,7 @@ listens on 127.0.0.1:{link} and its Control API is reachable from this host only
 ADMIN_README = """# {name}: admin kit
 
 `admin.key` (0600) signs every study you submit; sites refuse runs without a valid signature.
+`roster.json` lists each site's node public key; every signed run carries it.
 Run studies from the server host: `fedhelix run STUDY.toml --kit THIS_DIR`.
 """
 

@@ -1,15 +1,22 @@
 """``fedhelix run``: sign a study with the admin key and submit it to the consortium's SuperLink.
 
-The study file travels inside the run config (base64), beside the admin's signature of
-``(consortium, study digest, code digest)``; every node checks both before it trains
+The study file travels inside the run config (base64), beside the admin's signature of a
+manifest v2 (:class:`shared.approval.RunManifest`): consortium, study digest, code digest,
+run identity (nonce and attempt), expiry and roster; every node checks it before it trains
 (:mod:`client.node_gate`). The app bundle is staged from exactly the files Flower's own
 FAB rules keep, so the digest signed here is the digest each node computes.
+
+The run identity is written to ``RUN_DIR/run-identity.json`` before anything is sent: a
+resume (``--resume``) or a restart (``--retry``) of that run re-signs the same nonce with
+the next attempt number, which each site admits up to the resumes it approved; a new
+``fedhelix run`` is a new nonce, one of the runs a site approved.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -22,18 +29,16 @@ from pathlib import Path
 from server.checkpoint import load_checkpoint
 from server.deployment import CONNECTION, flower_env, flwr_home_for
 from shared.approval import (
-    CONSORTIUM_KEY,
-    SIGNATURE_KEY,
-    STUDY_B64_KEY,
+    DEFAULT_VALID_HOURS,
     RunManifest,
     build_app_fab,
-    code_digest_from_fab,
-    encode_study,
-    sign_manifest,
+    expiry_after,
+    new_run_nonce,
+    signed_run_config,
     study_digest,
 )
 from shared.config import load_study
-from shared.errors import FedhelixError
+from shared.errors import ConfigError, FedhelixError
 from shared.kits import read_kit
 from shared.paths import PROJECT_ROOT
 from shared.pki import check_issued_by, check_validity, load_certificate, load_identity
@@ -49,6 +54,55 @@ class AdminKit:
 def load_admin_kit(path: Path) -> AdminKit:
     path, a = read_kit(path, "admin.toml", "admin", ("consortium", "control_address"))
     return AdminKit(path, str(a["consortium"]), str(a["control_address"]))
+
+
+log = logging.getLogger("fedhelix.admin")
+
+IDENTITY_FILE = "run-identity.json"
+ROSTER_FILE = "roster.json"
+MAX_VALID_HOURS = 30 * 24.0
+
+
+def load_roster(kit_path: Path) -> dict[str, str]:
+    """``{site: OpenSSH public key}`` from the admin kit's roster.json; ``{}`` for a kit provisioned before rosters."""
+    path = Path(kit_path) / ROSTER_FILE
+    if not path.is_file():
+        return {}
+    try:
+        roster = json.loads(path.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}); re-create it with `fedhelix provision --add-site` or from kits/server/nodes") from None
+    if not isinstance(roster, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in roster.items()):
+        raise ConfigError(f"{path} must map site names to OpenSSH public keys")
+    return roster
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What a run directory remembers of its signed run, so a resume re-signs the same identity."""
+
+    nonce: str
+    attempt: int
+    study_sha256: str
+
+
+def read_run_identity(run_dir: Path) -> RunIdentity:
+    path = Path(run_dir) / IDENTITY_FILE
+    try:
+        doc = json.loads(path.read_text())
+        return RunIdentity(str(doc["nonce"]), int(doc["attempt"]), str(doc["study_sha256"]))
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir} holds no {IDENTITY_FILE} (not started by this fedhelix's `fedhelix run`); start the study afresh") from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{path} is unreadable ({err}); start the study afresh") from None
+
+
+def write_run_identity(run_dir: Path, identity: RunIdentity, expires: str) -> None:
+    """Written before the run is sent: a crash after the sites admitted it must not reuse its attempt number."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{IDENTITY_FILE}.tmp"
+    tmp.write_text(json.dumps({**identity.__dict__, "expires": expires}, indent=2) + "\n")
+    tmp.replace(run_dir / IDENTITY_FILE)
 
 
 @dataclass(frozen=True)
@@ -75,12 +129,21 @@ def submit_study(
     on_line: Callable[[str], None] | None = None,
     timeout_s: float | None = None,
     resume: Path | None = None,
+    retry: Path | None = None,
+    valid_hours: float = DEFAULT_VALID_HOURS,
 ) -> Submission:
     """Sign and submit; streams Flower's log lines to ``on_line``; returns when the run ends.
 
     ``resume``: an interrupted run directory of this study; the ServerApp continues it from its
     last checkpointed round (the admin runs this on the server host, beside the run directories).
+    ``retry``: a run directory of this study that failed before any checkpoint; it starts again
+    from round 1. Both re-sign the run's identity with the next attempt number.
+    ``valid_hours``: the sites admit the signed run until this many hours from now.
     """
+    if resume is not None and retry is not None:
+        raise ConfigError("--resume and --retry both name a run to continue; give one")
+    if not 0 < valid_hours <= MAX_VALID_HOURS:
+        raise ConfigError(f"--valid-hours must be more than 0 and at most {MAX_VALID_HOURS:g} (got {valid_hours:g})")
     kit = load_admin_kit(kit_path)
     study = load_study(study_path)  # a broken study file fails here, not at the sites
     admin = load_identity(kit.path / "admin.crt", kit.path / "admin.key")
@@ -88,24 +151,46 @@ def submit_study(
     check_issued_by(admin.cert, ca, f"admin certificate {kit.path / 'admin.crt'}")
     check_validity(admin.cert, f"admin certificate {kit.path / 'admin.crt'}")
     study_bytes = Path(study_path).read_bytes()
-    fab = build_app_fab(app_dir)
-    manifest = RunManifest(kit.consortium, study_digest(study_bytes), code_digest_from_fab(fab))
-    signature = sign_manifest(manifest, admin.key)
     out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_config = {
-        STUDY_B64_KEY: encode_study(study_bytes),
-        SIGNATURE_KEY: signature,
-        CONSORTIUM_KEY: kit.consortium,
-        "out": str(out_dir),
-    }
     run_dir = out_dir / study.name
+    note = None
     if resume is not None:
         run_dir = Path(resume).resolve()
         done = load_checkpoint(run_dir, study)  # no checkpoint, or another study's: one line, before anything is sent
-        run_config["resume"] = str(run_dir)
+        note = f"resuming study '{study.name}' after round {done.round} of {study.rounds} from {run_dir}"
+    elif retry is not None:
+        run_dir = Path(retry).resolve()
+        if run_dir.name != study.name:
+            raise ConfigError(f"--retry {run_dir} is not a run directory of study '{study.name}' (it would be named {study.name})")
+        out_dir = run_dir.parent
+        note = f"restarting study '{study.name}' from round 1 in {run_dir}"
+    if resume is not None or retry is not None:
+        previous = read_run_identity(run_dir)
+        if previous.study_sha256 != study_digest(study_bytes):
+            raise ConfigError(f"{run_dir} ran another version of the study file; continue it with the file that started it")
+        identity = RunIdentity(previous.nonce, previous.attempt + 1, previous.study_sha256)
+    else:
+        identity = RunIdentity(new_run_nonce(), 1, study_digest(study_bytes))
+    roster = load_roster(kit.path)
+    if not roster:
+        message = f"admin kit {kit.path} has no {ROSTER_FILE} (provisioned by an older fedhelix): study '{study.name}' carries an empty roster"
+        log.warning(message)
         if on_line is not None:
-            on_line(f"resuming study '{study.name}' after round {done.round} of {study.rounds} from {run_dir}")
+            on_line(message)
+    fab = build_app_fab(app_dir)
+    expires = expiry_after(valid_hours)
+    manifest, signed = signed_run_config(
+        study_bytes, fab, kit.consortium, admin.key, nonce=identity.nonce, attempt=identity.attempt, expires=expires, roster=roster
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config: dict[str, str | int] = {**signed, "out": str(out_dir)}
+    if resume is not None:
+        run_config["resume"] = str(run_dir)
+    write_run_identity(run_dir, identity, expires)
+    if on_line is not None:
+        if note:
+            on_line(note)
+        on_line(f"study '{study.name}': signed as run identity {identity.nonce}, attempt {identity.attempt}, valid until {expires}")
     with tempfile.TemporaryDirectory(prefix="fedhelix-app-") as tmp:
         app = stage_app(fab, Path(tmp) / "app")
         home = flwr_home_for(kit.path / "ca.crt", kit.control_address, Path(tmp) / "flwr-home")

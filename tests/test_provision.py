@@ -99,6 +99,18 @@ def test_add_site_keeps_every_existing_key(tmp_path: Path) -> None:
         add_site(tmp_path, "west")
 
 
+def test_admin_kit_roster_lists_every_site_key_and_add_site_extends_it(tmp_path: Path) -> None:
+    import json
+
+    provision(CONFIG, tmp_path)
+    roster = json.loads((tmp_path / "admin" / "roster.json").read_text())
+    assert roster == {site: (tmp_path / site / "node.pub").read_text().strip() for site in CONFIG.sites}
+    assert all(key.startswith("ecdsa-sha2-nistp384 ") for key in roster.values())
+    add_site(tmp_path, "west")
+    extended = json.loads((tmp_path / "admin" / "roster.json").read_text())
+    assert extended == {**roster, "west": (tmp_path / "west" / "node.pub").read_text().strip()}
+
+
 def test_expired_and_foreign_certificates_are_named(tmp_path: Path) -> None:
     old = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
     expired = create_ca("old", days=30, not_before=old)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -73,3 +74,29 @@ def ledger_rows(site_file: Path) -> list:
         return list(ledger.entries)
     finally:
         ledger.close()
+
+
+# `flwr run` that sends these FAB bytes as they are, instead of building them from the app's files
+# (patched in the module flwr.cli.run.run, which its package's `run` function shadows as an attribute).
+_RAW_FAB_RUN = (
+    "import importlib, sys; from pathlib import Path; r = importlib.import_module('flwr.cli.run.run'); fab = Path(sys.argv.pop(1)).read_bytes(); "
+    "r.build_fab_from_disk = lambda app: fab; from flwr.cli.app import app; sys.argv[0] = 'flwr'; app()"
+)
+
+
+def run_fab_as_is(admin_kit: Path, fab: bytes, run_config: Mapping[str, object], workdir: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Submit exactly ``fab`` with exactly ``run_config`` (``--stream``, until the run ends): what a replaying or tampering sender can do.
+
+    `fedhelix run` cannot send a ``.pyc`` (Flower's FAB rules drop it) nor an old signature; this can.
+    """
+    from server.deployment import CONNECTION, flower_env, flwr_home_for
+    from server.submit import load_admin_kit, stage_app
+
+    kit = load_admin_kit(admin_kit)
+    workdir.mkdir(parents=True, exist_ok=True)
+    app = stage_app(fab, workdir / "app")  # the CLI reads the app's pyproject.toml; the FAB sent is ``fab`` itself
+    (workdir / "app.fab").write_bytes(fab)
+    home = flwr_home_for(kit.path / "ca.crt", kit.control_address, workdir / "flwr-home")
+    config = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
+    command = [sys.executable, "-c", _RAW_FAB_RUN, str(workdir / "app.fab"), "run", str(app), CONNECTION, "--stream", "--run-config", config]
+    return subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=timeout)

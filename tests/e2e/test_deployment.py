@@ -1,6 +1,7 @@
 """The real network path on loopback: provisioned kits, TLS gateway, SuperLink with node
 authentication, three SuperNodes with their own data, a signed and approved study with
-SecAgg+ and DP, and each way in which a node or a request must be turned away."""
+SecAgg+ and DP, and each way in which a node or a request must be turned away: an unapproved
+study, a completed run's signed config replayed as a new run, a bundle with an extra .pyc."""
 
 from __future__ import annotations
 
@@ -20,19 +21,20 @@ from pathlib import Path
 
 import pytest
 
+import server.submit
 from client.approval import approve
 from client.audit import audit_path, verify
 from client.node import prepare_node, probe_server
 from server.deployment import RunningServer, flower_env, flwr_home_for, start_server
 from server.provision import ConsortiumConfig, add_site, provision
-from server.submit import submit_study
-from shared.approval import code_digest_of_project
+from server.submit import load_roster, submit_study
+from shared.approval import ROSTER_KEY, build_app_fab, code_digest_of_project, decode_roster, expiry_after, new_run_nonce, signed_run_config
 from shared.config import load_site
 from shared.errors import FedhelixError
 from shared.paths import PROJECT_ROOT
-from shared.pki import CertificateError
+from shared.pki import CertificateError, load_identity
 
-from .deployed import free_port, ledger_rows, start_node, study_sites, write_site
+from .deployed import free_port, ledger_rows, run_fab_as_is, start_node, study_sites, write_site
 
 pytestmark = pytest.mark.e2e
 
@@ -74,9 +76,14 @@ class Consortium:
     study: Path
     code_digest: str
     nodes: dict[str, subprocess.Popen]
+    signed: list[dict]  # every run config `fedhelix run` signed in this module, in order
+    completed: dict | None = None  # the signed config of a run that completed
 
     def site_file(self, name: str) -> Path:
         return self.root / "sites" / f"{name}.toml"
+
+    def node_log(self, name: str) -> str:
+        return (self.root / f"node-{name}.log").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -92,12 +99,22 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
     digest = code_digest_of_project(PROJECT_ROOT)
     for name in SITES:
         approve(study, load_site(write_site(root / "sites", name)), digest)
-    server = start_server(kits / "server")
+    signed: list[dict] = []
+    sign = server.submit.signed_run_config
+
+    def recording(*args, **kwargs):  # keeps each signed config, so a test can replay it
+        manifest, config = sign(*args, **kwargs)
+        signed.append(dict(config))
+        return manifest, config
+
+    server_ = start_server(kits / "server")
     nodes = {}
     try:
-        for name in SITES:
-            nodes[name] = start_node(kits / name, root / "sites" / f"{name}.toml", free_port(), root / f"node-{name}.log")
-        yield Consortium(root, kits, server, gateway_port, study, digest, nodes)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(server.submit, "signed_run_config", recording)
+            for name in SITES:
+                nodes[name] = start_node(kits / name, root / "sites" / f"{name}.toml", free_port(), root / f"node-{name}.log")
+            yield Consortium(root, kits, server_, gateway_port, study, digest, nodes, signed)
     finally:
         for proc in nodes.values():
             proc.send_signal(signal.SIGTERM)
@@ -106,17 +123,27 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        server.stop()
+        server_.stop()
 
 
 def ledger_entries(c: Consortium, name: str) -> int:
     return len(ledger_rows(c.site_file(name)))
 
 
-def test_signed_approved_study_runs_with_secagg_and_dp(consortium: Consortium) -> None:
-    submission = submit_study(consortium.study, consortium.kits / "admin", consortium.root / "runs", timeout_s=900)
+def run_to_completion(c: Consortium) -> tuple[server.submit.Submission, dict]:
+    submission = submit_study(c.study, c.kits / "admin", c.root / "runs", timeout_s=900)
     report = json.loads((submission.out_dir / "report.json").read_text())
     assert report["status"] == "completed", report.get("error")
+    c.completed = c.signed[-1]
+    return submission, report
+
+
+def test_signed_approved_study_runs_with_secagg_and_dp(consortium: Consortium) -> None:
+    submission, report = run_to_completion(consortium)
+    assert decode_roster(str(consortium.completed[ROSTER_KEY])) == load_roster(consortium.kits / "admin")  # carried, signed
+    assert set(load_roster(consortium.kits / "admin")) >= set(SITES)
+    identity = json.loads((submission.out_dir / "run-identity.json").read_text())
+    assert (identity["nonce"], identity["attempt"]) == (submission.manifest.nonce, 1)
     assert sorted(report["final"]["sites"]) == sorted(SITES)
     assert len(report["rounds"]) == 2
     assert report["final"]["mean"]["c_index"] > 0.6  # 2 DP rounds of 100 steps: learning (0.86 after 5 rounds in bench)
@@ -135,10 +162,48 @@ def test_unapproved_study_is_refused_by_every_site_and_nothing_is_trained(consor
     changed = consortium.root / "sites" / "study-changed.toml"
     changed.write_text(consortium.study.read_text().replace("learning_rate = 0.1", "learning_rate = 0.5"))
     before = {name: ledger_entries(consortium, name) for name in SITES}
-    with pytest.raises(FedhelixError, match="has not approved this study file") as err:
-        submit_study(changed, consortium.kits / "admin", consortium.root / "runs", timeout_s=600)
-    assert all(f"site '{name}'" in str(err.value) for name in SITES)
+    with pytest.raises(FedhelixError, match="3 site\\(s\\) could not join the study.*E-APPROVAL-NOT-APPROVED") as err:
+        submit_study(changed, consortium.kits / "admin", consortium.root / "runs-changed", timeout_s=600)
+    assert "northeast" not in str(err.value)  # the server learns a fixed phrase; the reason stays at the site
+    assert all(f"site '{name}' refuses the run: the site has not approved this study file" in consortium.node_log(name) for name in SITES)
     assert {name: ledger_entries(consortium, name) for name in SITES} == before
+
+
+def refused_everywhere(c: Consortium, fab: bytes, config: dict, workdir: Path, code: str) -> dict:
+    """Send ``fab`` with ``config`` as a new run; every node must refuse it with ``code`` and train nothing."""
+    before = {name: ledger_entries(c, name) for name in SITES}
+    out = workdir / "runs"
+    done = run_fab_as_is(c.kits / "admin", fab, {**config, "out": str(out)}, workdir)  # `out` is not signed: where the server writes
+    report = json.loads((out / "deployed-tcga" / "report.json").read_text()) if (out / "deployed-tcga" / "report.json").exists() else {}
+    assert report.get("status") == "failed", done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"{len(SITES)} site(s) could not join the study" in report["error"] and code in report["error"], report["error"]
+    assert {name: ledger_entries(c, name) for name in SITES} == before
+    return report
+
+
+def test_a_completed_runs_signed_config_replayed_as_a_new_run_is_refused_by_every_node(consortium: Consortium, tmp_path: Path) -> None:
+    if consortium.completed is None:  # run alone: complete a run first
+        run_to_completion(consortium)
+    assert consortium.completed is not None
+    refused_everywhere(consortium, build_app_fab(PROJECT_ROOT), consortium.completed, tmp_path, "E-APPROVAL-REPLAY")
+    assert all("a replayed signed run" in consortium.node_log(name) for name in SITES)
+
+
+def test_a_bundle_with_an_extra_pyc_is_refused_by_every_node_even_when_signed(consortium: Consortium, tmp_path: Path) -> None:
+    import io
+    import zipfile
+
+    buffer = io.BytesIO(build_app_fab(PROJECT_ROOT))
+    with zipfile.ZipFile(buffer, "a") as fab:  # Python would import this instead of client/app.py
+        fab.writestr("client/__pycache__/app.cpython-311.pyc", b"\x00" * 16)
+    tampered = buffer.getvalue()
+    admin = load_identity(consortium.kits / "admin" / "admin.crt", consortium.kits / "admin" / "admin.key")
+    _, config = signed_run_config(
+        consortium.study.read_bytes(), tampered, "e2e", admin.key,
+        nonce=new_run_nonce(), attempt=1, expires=expiry_after(1), roster=load_roster(consortium.kits / "admin"),
+    )  # fmt: skip  # the admin's own signature over the tampered bundle: the file rule still refuses it
+    refused_everywhere(consortium, tampered, config, tmp_path, "E-APPROVAL-FILES")
+    assert all("client/__pycache__/app.cpython-311.pyc" in consortium.node_log(name) for name in SITES)
 
 
 def test_control_api_is_not_reachable_from_the_site_facing_address(consortium: Consortium, tmp_path: Path) -> None:
