@@ -155,7 +155,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         path = root / "sites" / f"{study}.toml"
         path.write_text(HAZARD.format(name=study, **params) + study_sites(sites))
         for name in sites:
-            approve(path, load_site(root / "sites" / f"{name}.toml"), digest)
+            approve(path, load_site(root / "sites" / f"{name}.toml"), digest, runs=2)  # a reference run and an interrupted one
     fed = Federation(root, root / "kits", start_server(root / "kits" / "server"), {})
     try:
         for name in SITES:
