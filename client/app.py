@@ -235,6 +235,37 @@ def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCall
     return call_next(msg, ctxt)
 
 
+def _temp_secagg_wiring(study_path: str | None):
+    """TEMP wiring (secagg branch, for its e2e check): the lead replaces this with the approved study.
+
+    Requirements come from the study file (simulation) or the run's study; own weight 1
+    (the mod still refuses a weight above max_weight when it masks).
+    """
+    import tomllib
+
+    from client.secagg_mod import make_secaggplus_mod, study_requirements
+    from shared.approval import STUDY_B64_KEY, decode_study
+    from shared.config import load_study, parse_study
+    from shared.paths import resolve_path
+
+    def requirements(msg: Message, ctxt: Context):
+        encoded = str(ctxt.run_config.get(STUDY_B64_KEY, "") or "")
+        if study_path is None and encoded:
+            study = parse_study(tomllib.loads(decode_study(encoded).decode("utf-8")), source="submitted study")
+        else:
+            study = load_study(resolve_path(study_path or str(ctxt.run_config.get("study", ""))))
+        return study_requirements(study, n_train=1, group_id=msg.metadata.group_id)
+
+    secagg = make_secaggplus_mod(requirements)
+
+    def mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if "secaggplus_configs" in msg.content.config_records:
+            return secagg(msg, ctxt, call_next)
+        return secure_aggregation_mod(msg, ctxt, call_next)
+
+    return mod
+
+
 def create_client_app(study_path: str | None = None, ledger_dir: str | None = None, audit_dir: str | None = None) -> ClientApp:
     """Build the ClientApp; ``study_path`` pins the study in simulation (else run config).
 
@@ -253,7 +284,7 @@ def create_client_app(study_path: str | None = None, ledger_dir: str | None = No
         audit = AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
         return SiteClient(site, str(ledgers) if ledgers else None, simulation, audit).to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])
+    return ClientApp(client_fn=client_fn, mods=[_temp_secagg_wiring(study_path)])  # TEMP wiring (secagg branch)
 
 
 app = create_client_app()
