@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -56,6 +56,7 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
 from flwr.common.secure_aggregation.quantization import quantize
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_concat, share_keys_plaintext_separate
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.primitives.asymmetric import (
     bytes_to_private_key,
@@ -65,12 +66,14 @@ from flwr.supercore.primitives.asymmetric import (
     public_key_to_bytes,
 )
 
+from client.secagg_auth import key_digest, roster_key, same_public_key, sign_keys, verify_neighbours
 from shared.config import StudyConfig
-from shared.secure_aggregation import ProtocolRefused, SecAggParams, derive_params, mask_prg
+from shared.secure_aggregation import AUTH_SIGNATURE_KEY, AUTH_SITE_KEY, ProtocolRefused, SecAggParams, derive_params, mask_prg
 
 log = logging.getLogger("fedhelix.client.secagg")
 
 ABORTED = "aborted"  # the stage a refusal leaves: only a new round's setup is accepted after it
+SEEN_KEYS_KEPT = 4096  # fingerprints of neighbours' keys remembered per run, to refuse a replayed key
 _NEXT = {Stage.SETUP: Stage.SHARE_KEYS, Stage.SHARE_KEYS: Stage.COLLECT_MASKED_VECTORS, Stage.COLLECT_MASKED_VECTORS: Stage.UNMASK}
 
 
@@ -86,6 +89,10 @@ class Requirements:
     reveals a share of a neighbour's mask key, so no dropped site is ever unmasked.
     ``own_weight``: the weight this site sends (its n_train; 1 under site-level DP):
     the coordinator's ``max_weight`` must be at least that, else the weight overflows.
+    ``roster`` ({site name: OpenSSH public key} of the approved run), ``signing_key``
+    (this site's ECDSA node key) and ``site`` (its name in the roster): every
+    neighbour's keys must be signed by a roster site; ``None`` (legacy simulation)
+    skips that check and logs that it did.
     """
 
     num_shares: int
@@ -96,6 +103,9 @@ class Requirements:
     min_sample: int
     max_dropouts: int
     own_weight: float
+    roster: Mapping[str, str] | None = None
+    signing_key: ec.EllipticCurvePrivateKey | None = None
+    site: str | None = None
 
     def __post_init__(self) -> None:
         problems = []
@@ -109,12 +119,20 @@ class Requirements:
             problems.append("modulus_range must be a power of two <= 2^32 above quantization_range")
         if self.own_weight <= 0:
             problems.append("own_weight must be positive")
+        if self.roster is not None:
+            if self.signing_key is None or self.site is None:
+                problems.append("a roster needs this site's signing_key and site name")
+            elif self.site not in self.roster or not same_public_key(roster_key(self.roster, self.site), self.signing_key.public_key()):
+                problems.append(f"the roster does not list this site's signing key under '{self.site}'")
         if problems:
             raise ValueError("inconsistent SecAgg+ requirements: " + "; ".join(problems))
 
     @classmethod
-    def from_params(cls, params: SecAggParams, *, min_sample: int, max_dropouts: int, own_weight: float) -> Requirements:
-        """Requirements from the parameters the site derives from its approved study (``params.max_weight`` is ignored)."""
+    def from_params(cls, params: SecAggParams, *, min_sample: int, max_dropouts: int, own_weight: float, **auth: Any) -> Requirements:
+        """Requirements from the parameters the site derives from its approved study (``params.max_weight`` is ignored).
+
+        ``auth``: ``roster``, ``signing_key`` and ``site``, as in the class.
+        """
         return cls(
             num_shares=params.num_shares,
             reconstruction_threshold=params.reconstruction_threshold,
@@ -124,10 +142,11 @@ class Requirements:
             min_sample=min_sample,
             max_dropouts=max_dropouts,
             own_weight=own_weight,
+            **auth,
         )
 
 
-def study_requirements(study: StudyConfig, *, n_train: int, group_id: str) -> Requirements:
+def study_requirements(study: StudyConfig, *, n_train: int, group_id: str, **auth: Any) -> Requirements:
     """The requirements an approved study sets for the SecAgg+ run of round ``group_id``.
 
     Round "0" is a pre-training secure round (federated statistics or feature
@@ -135,12 +154,13 @@ def study_requirements(study: StudyConfig, *, n_train: int, group_id: str) -> Re
     and weighted by n_train. Training rounds clip to the study's ``update_bound`` and
     weigh by n_train, or 1 under site-level DP. A coordinator that mislabels the
     round only changes the clipping range (precision), never what is revealed.
+    ``auth``: ``roster``, ``signing_key``, ``site`` (see :class:`Requirements`).
     """
     stats_round = group_id == "0"
     params = derive_params(len(study.sites), study.secure.max_dropouts, study.secure.stats_bound if stats_round else study.update_bound, max_weight=1)
     site_level = study.privacy.dp and study.privacy.level == "site" and not stats_round
     return Requirements.from_params(
-        params, min_sample=max(3, study.required_sites), max_dropouts=study.secure.max_dropouts, own_weight=1 if site_level else n_train
+        params, min_sample=max(3, study.required_sites), max_dropouts=study.secure.max_dropouts, own_weight=1 if site_level else n_train, **auth
     )
 
 
@@ -175,6 +195,8 @@ class SecAggPlusState:
     # The dict of the shared secrets from sk2
     ss2_dict: dict[int, bytes] = field(default_factory=dict)
     public_keys_dict: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)
+    # Fingerprints of neighbours' pk1 seen in earlier runs of this Flower run (kept across rounds).
+    seen_pk1: list[bytes] = field(default_factory=list)
 
     def __init__(self, **kwargs: ConfigRecordValues) -> None:
         for name, f in self.__dataclass_fields__.items():
@@ -265,10 +287,10 @@ def _step(
     if stage == Stage.SETUP:
         state.group = msg.metadata.group_id
         state.nid = msg.metadata.dst_node_id
-        return RecordDict(), _setup(state, req, configs)
+        return RecordDict(), _setup(state, req, configs, msg.metadata.run_id)
     _check_unchanged(state, req)
     if stage == Stage.SHARE_KEYS:
-        return RecordDict(), _share_keys(state, req, configs)
+        return RecordDict(), _share_keys(state, req, configs, msg.metadata.run_id)
     if stage == Stage.COLLECT_MASKED_VECTORS:
         srcs = _receive_shares(state, req, configs)
         out_msg = call_next(msg, ctxt)
@@ -329,8 +351,8 @@ def check_configs(stage: str, configs: ConfigRecord) -> None:
         for key, value in configs.items():
             if key == Key.STAGE:
                 continue
-            if not key.isdecimal() or not isinstance(value, list) or len(value) != 2 or not all(isinstance(v, bytes) for v in value):
-                raise TypeError(f"entry '{key}' must map a node id to a list of two bytes")
+            if not key.isdecimal() or not isinstance(value, list) or len(value) not in (2, 4) or not all(isinstance(v, bytes) for v in value):
+                raise TypeError(f"entry '{key}' must map a node id to [pk1, pk2] or [pk1, pk2, signature, site]")
     else:
         pairs = (
             [(Key.CIPHERTEXT_LIST, bytes), (Key.SOURCE_LIST, int)]
@@ -369,7 +391,7 @@ def _check_params(share_num: int, threshold: int, clipping: float, target: int, 
         raise ProtocolRefused(f"refused SecAgg+ setup: max_weight {max_weight:g} is below this site's weight {req.own_weight:g} (its weight would overflow)")
 
 
-def _setup(state: SecAggPlusState, req: Requirements, configs: ConfigRecord) -> dict[str, ConfigRecordValues]:
+def _setup(state: SecAggPlusState, req: Requirements, configs: ConfigRecord, run_id: int) -> dict[str, ConfigRecordValues]:
     sample = cast(int, configs[Key.SAMPLE_NUMBER])
     _check_params(
         cast(int, configs[Key.SHARE_NUMBER]),
@@ -400,11 +422,16 @@ def _setup(state: SecAggPlusState, req: Requirements, configs: ConfigRecord) -> 
     state.sk1, state.pk1 = private_key_to_bytes(sk1), public_key_to_bytes(pk1)
     state.sk2, state.pk2 = private_key_to_bytes(sk2), public_key_to_bytes(pk2)
     log.debug("node %d: SecAgg+ setup accepted (%d sampled), uploading public keys", state.nid, sample)
-    return {Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2}
+    reply: dict[str, ConfigRecordValues] = {Key.PUBLIC_KEY_1: state.pk1, Key.PUBLIC_KEY_2: state.pk2}
+    if req.signing_key is not None and req.site is not None:
+        reply[AUTH_SIGNATURE_KEY] = sign_keys(req.signing_key, run_id=run_id, group=state.group, node_id=state.nid, site=req.site, pk1=state.pk1, pk2=state.pk2)
+        reply[AUTH_SITE_KEY] = req.site
+    return reply
 
 
-def _share_keys(state: SecAggPlusState, req: Requirements, configs: ConfigRecord) -> dict[str, ConfigRecordValues]:
-    key_dict = {int(nid): (keys[0], keys[1]) for nid, keys in configs.items() if nid != Key.STAGE}
+def _share_keys(state: SecAggPlusState, req: Requirements, configs: ConfigRecord, run_id: int) -> dict[str, ConfigRecordValues]:
+    entries = {int(nid): tuple(cast(list[bytes], keys)) for nid, keys in configs.items() if nid != Key.STAGE}
+    key_dict = {nid: (entry[0], entry[1]) for nid, entry in entries.items()}
     n = len(key_dict)
     # Flower's coordinator gives each node min(sample, num_shares) neighbours (itself included).
     fewest = min(state.sample_num, state.share_num) - req.max_dropouts
@@ -417,6 +444,15 @@ def _share_keys(state: SecAggPlusState, req: Requirements, configs: ConfigRecord
     pk_list = [pk for pair in key_dict.values() for pk in pair]
     if len(set(pk_list)) != len(pk_list):
         raise ProtocolRefused("refused SecAgg+ share-keys: some public keys are identical")
+    if req.roster is None:
+        log.warning("node %d: SecAgg+ neighbour keys NOT authenticated: the approved run has no roster (legacy simulation)", state.nid)
+    else:
+        verify_neighbours(req.roster, entries, run_id=run_id, group=state.group)
+    # Keys are fresh in every run: one seen before is a replay (a round id can repeat, e.g. "0").
+    digests = [key_digest(pk1) for nid, (pk1, _) in key_dict.items() if nid != state.nid]
+    if set(digests) & set(state.seen_pk1):
+        raise ProtocolRefused("refused SecAgg+ share-keys: a neighbour's public key was already used in an earlier round")
+    state.seen_pk1 = (state.seen_pk1 + digests)[-SEEN_KEYS_KEPT:]
     state.public_keys_dict = key_dict
 
     # The private mask seed, and shares of it and of sk1 for every neighbour.

@@ -33,10 +33,12 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_
 from flwr.supercore.task_identity import TaskIdentity
 import flwr.compat.common.recorddict_compat as compat
 
+from client.secagg_auth import key_statement, sign_keys
 from client.secagg_mod import ABORTED, Requirements, SecAggPlusState, make_secaggplus_mod
 from server.secure_aggregation import StrictSecAggPlus
 from server.strategy import StudyAborted
-from shared.secure_aggregation import MASK_PRG_INFO, ProtocolRefused, derive_params, mask_prg
+from shared.pki import new_key, openssh_public
+from shared.secure_aggregation import AUTH_SIGNATURE_KEY, AUTH_SITE_KEY, MASK_PRG_INFO, ProtocolRefused, derive_params, mask_prg
 
 NODES = [101, 102, 103, 104, 105]
 SHAPES = [(6, 4), (4,), (3,)]
@@ -47,6 +49,17 @@ MAX_WEIGHT = 50
 def requirements(max_dropouts: int = 0, n_sites: int = 5, **over) -> Requirements:
     params = derive_params(n_sites, max_dropouts, 0.5, MAX_WEIGHT)
     return replace(Requirements.from_params(params, min_sample=n_sites - max_dropouts, max_dropouts=max_dropouts, own_weight=MAX_WEIGHT), **over)
+
+
+class Identities:
+    """Each site's ECDSA node key and the run's roster {site name: OpenSSH public key} (None: no authentication)."""
+
+    def __init__(self, auth: bool) -> None:
+        self.keys = {nid: new_key() for nid in NODES} if auth else {}
+        self.roster = {f"site{nid}": openssh_public(k).decode() for nid, k in self.keys.items()} if auth else None
+
+    def of(self, req: Requirements, nid: int) -> Requirements:
+        return replace(req, roster=self.roster, signing_key=self.keys[nid], site=f"site{nid}") if self.roster else req
 
 
 def updates(seed: int = 0) -> dict[int, list[np.ndarray]]:
@@ -129,9 +142,10 @@ def chacha20_block(key: bytes, counter: int = 0, nonce: bytes = bytes(12)) -> li
 class Federation:
     """A grid that delivers the coordinator's messages to in-process sites running the mod."""
 
-    def __init__(self, req: Requirements, values: dict[int, list[np.ndarray]], fail_in_training: tuple[int, ...] = ()) -> None:
-        self.req, self.values, self.fail = req, values, fail_in_training
-        self.mod = make_secaggplus_mod(lambda msg, ctxt: self.req)
+    def __init__(self, req: Requirements, values: dict[int, list[np.ndarray]], fail_in_training: tuple[int, ...] = (), auth: bool = False, tamper=None) -> None:
+        self.req, self.values, self.fail, self.tamper = req, values, fail_in_training, tamper
+        self.ids = Identities(auth)
+        self.mod = make_secaggplus_mod(lambda msg, ctxt: self.ids.of(self.req, ctxt.node_id))
         self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={}) for nid in NODES}
         self.replies: list[Message] = []
         self.errors: list[str] = []
@@ -147,6 +161,8 @@ class Federation:
         out = []
         for msg in messages:
             msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            if self.tamper:
+                self.tamper(msg)
             try:
                 reply = self.mod(msg, self.contexts[msg.metadata.dst_node_id], self._train)
             except Exception as err:  # noqa: BLE001 - what Flower would forward as an error reply
@@ -242,16 +258,17 @@ def message(dst: int, configs: dict, group: str = "1") -> Message:
 class Coordinator:
     """Plays an honest coordinator stage by stage over five real sites; tests then craft one message."""
 
-    def __init__(self, req: Requirements | None = None) -> None:
-        self.req = req or requirements()
-        self.mod = make_secaggplus_mod(lambda msg, ctxt: self.req)
+    def __init__(self, req: Requirements | None = None, auth: bool = False, group: str = "1") -> None:
+        self.req, self.group = req or requirements(), group
+        self.ids = Identities(auth)
+        self.mod = make_secaggplus_mod(lambda msg, ctxt: self.ids.of(self.req, ctxt.node_id))
         self.contexts = {nid: Context(run_id=1, node_id=nid, node_config={}, state=RecordDict(), run_config={}) for nid in NODES}
         self.trainer = Trainer()
         self.keys: dict[int, list[bytes]] = {}
         self.forward: dict[int, tuple[list[int], list[bytes]]] = {nid: ([], []) for nid in NODES}
 
-    def send(self, nid: int, configs: dict, group: str = "1") -> Message:
-        return self.mod(message(nid, configs, group), self.contexts[nid], self.trainer)
+    def send(self, nid: int, configs: dict, group: str | None = None) -> Message:
+        return self.mod(message(nid, configs, group or self.group), self.contexts[nid], self.trainer)
 
     def setup_configs(self, **over) -> dict:
         p = self.req
@@ -265,6 +282,8 @@ class Coordinator:
         for nid in NODES:
             res = self.send(nid, self.setup_configs()).content.config_records[RECORD_KEY_CONFIGS]
             self.keys[nid] = [res[Key.PUBLIC_KEY_1], res[Key.PUBLIC_KEY_2]]
+            if AUTH_SIGNATURE_KEY in res:  # what StrictSecAggPlus relays
+                self.keys[nid] += [res[AUTH_SIGNATURE_KEY], res[AUTH_SITE_KEY].encode()]
         return self
 
     def share_keys_configs(self, nodes=NODES) -> dict:
@@ -295,7 +314,7 @@ class Coordinator:
         return SecAggPlusState(**self.contexts[nid].state.config_records[RECORD_KEY_STATE])
 
 
-def refused(coord: Coordinator, nid: int, configs: dict, match: str, group: str = "1") -> None:
+def refused(coord: Coordinator, nid: int, configs: dict, match: str, group: str | None = None) -> None:
     """The site raises, returns nothing, trains nothing more, and keeps no secret to reveal later."""
     calls = coord.trainer.calls
     with pytest.raises(ProtocolRefused, match=match):
@@ -444,3 +463,96 @@ def test_requirements_reject_an_inconsistent_study() -> None:
         replace(requirements(), min_sample=2)
     with pytest.raises(ValueError, match="not a majority"):
         replace(requirements(), reconstruction_threshold=2)
+
+
+# --- authenticated public keys ------------------------------------------------------------------------
+
+
+def test_signed_keys_relayed_by_the_coordinator_give_the_weighted_mean() -> None:
+    req, values = requirements(), updates(3)
+    fed = Federation(req, values, auth=True)
+    got = run_round(fed, StrictSecAggPlus(derive_params(5, 0, 0.5, MAX_WEIGHT)))
+    assert not fed.errors
+    assert max(float(np.abs(g - w).max()) for g, w in zip(got, weighted_mean(values, NODES))) <= bound(req, NODES)
+
+
+def test_a_coordinator_substituting_a_neighbours_keys_is_refused_by_every_site() -> None:
+    """The man-in-the-middle of (d): the coordinator swaps its own keys in for node 102's."""
+    fake = [public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2)]
+
+    def swap(msg: Message) -> None:
+        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS, {})
+        if configs.get(Key.STAGE) == Stage.SHARE_KEYS and msg.metadata.dst_node_id != 102:
+            configs["102"] = [*fake, *list(configs["102"])[2:]]
+
+    fed = Federation(requirements(), updates(), auth=True, tamper=swap)
+    with pytest.raises(StudyAborted, match="share-keys"):
+        run_round(fed, StrictSecAggPlus(derive_params(5, 0, 0.5, MAX_WEIGHT)))
+    assert sum("keys relayed for node 102 (site 'site102') are not signed by that site" in e for e in fed.errors) == 4
+    # Without a roster the same substitution goes through: that is what authentication adds.
+    unauthenticated = Federation(requirements(), updates(), auth=False, tamper=swap)
+    with pytest.raises(StudyAborted):  # 102 cannot open shares sealed to the fake key; nothing checked the keys themselves
+        run_round(unauthenticated, StrictSecAggPlus(derive_params(5, 0, 0.5, MAX_WEIGHT)))
+    assert not any("signed" in e for e in unauthenticated.errors)
+
+
+def stranger_entry(coord: Coordinator, nid: int, site: str) -> list[bytes]:
+    """Keys of a node the roster does not know, signed by its own (unlisted) key."""
+    pk1, pk2 = (public_key_to_bytes(generate_key_pairs()[1]) for _ in range(2))
+    sig = sign_keys(new_key(), run_id=1, group=coord.group, node_id=nid, site=site, pk1=pk1, pk2=pk2)
+    return [pk1, pk2, sig, site.encode()]
+
+
+AUTH_LIES = {
+    "no signature": (lambda c: {**c.share_keys_configs(), "102": c.keys[102][:2]}, "node 102 carry no site signature"),
+    "site not in roster": (lambda c: {**c.share_keys_configs(), "105": stranger_entry(c, 105, "mallory")}, "site 'mallory' is not in the run's roster"),
+    "impostor of a roster site": (lambda c: {**c.share_keys_configs(), "105": stranger_entry(c, 105, "site105")}, "not signed by that site"),
+    "two nodes, one site": (lambda c: {**c.share_keys_configs(), "105": [*c.keys[105][:3], b"site104"]}, "nodes 104 and 105 both claim site 'site104'"),
+    "keys moved to another node id": (lambda c: {**c.share_keys_configs(), "105": c.keys[104], "104": c.keys[105]}, "not signed by that site"),
+}
+
+
+@pytest.mark.parametrize("lie", AUTH_LIES)
+def test_share_keys_refuses_keys_the_roster_does_not_vouch_for(lie: str) -> None:
+    coord = Coordinator(auth=True).setup()
+    craft, match = AUTH_LIES[lie]
+    refused(coord, 101, craft(coord), match)
+
+
+def test_keys_signed_for_one_round_are_refused_in_another_and_replays_of_a_repeated_round_id() -> None:
+    first = Coordinator(auth=True, group="0").setup()
+    old = dict(first.keys)
+    first.share_keys().collect()
+    for nid in NODES:
+        first.send(nid, Coordinator.unmask_configs(NODES))
+    # Round 2 with 102's keys from round "0" relayed again: the signature binds the round.
+    first.group = "2"
+    first.setup()
+    refused(first, 101, {**first.share_keys_configs(), "102": old[102]}, "not signed by that site for this round")
+    # The pre-training secure rounds share round id "0": a key seen before is refused as a replay.
+    first.group = "0"
+    first.setup()
+    refused(first, 103, {**first.share_keys_configs(), "102": old[102]}, "already used in an earlier round")
+
+
+def test_without_a_roster_the_site_says_it_did_not_authenticate(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="fedhelix.client.secagg"):
+        Coordinator().setup().share_keys()
+    assert "NOT authenticated" in caplog.text and "no roster" in caplog.text
+
+
+def test_the_signature_binds_run_round_node_and_site() -> None:
+    base = dict(run_id=1, group="3", node_id=7, site="a", pk1=b"k1", pk2=b"k2")
+    variants = [{**base, field: value} for field, value in (("run_id", 2), ("group", "4"), ("node_id", 8), ("site", "b"), ("pk1", b"k3"), ("pk2", b"k1"))]
+    statements = {key_statement(**base)} | {key_statement(**v) for v in variants}
+    assert len(statements) == 7
+    assert key_statement(**{**base, "site": "a", "pk1": b"k1"}) != key_statement(**{**base, "site": "ak", "pk1": b"1"})  # no shifting of bytes between fields
+
+
+def test_requirements_with_a_roster_must_hold_this_sites_own_key() -> None:
+    ids = Identities(auth=True)
+    with pytest.raises(ValueError, match="needs this site's signing_key"):
+        replace(requirements(), roster=ids.roster)
+    with pytest.raises(ValueError, match="does not list this site's signing key under 'site101'"):
+        replace(requirements(), roster=ids.roster, signing_key=ids.keys[102], site="site101")
+    assert ids.of(requirements(), 101).site == "site101"
