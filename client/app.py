@@ -239,22 +239,35 @@ def _temp_secagg_wiring(study_path: str | None):
     """TEMP wiring (secagg branch, for its e2e check): the lead replaces this with the approved study.
 
     Requirements come from the study file (simulation) or the run's study; own weight 1
-    (the mod still refuses a weight above max_weight when it masks).
+    (the mod still refuses a weight above max_weight when it masks). In simulation each
+    site gets an ephemeral ECDSA key and the sites' roster authenticates the keys.
     """
     import tomllib
 
+    from cryptography.hazmat.primitives import serialization
+
     from client.secagg_mod import make_secaggplus_mod, study_requirements
+    from shared.pki import key_pem, new_key, openssh_public
     from shared.approval import STUDY_B64_KEY, decode_study
     from shared.config import load_study, parse_study
     from shared.paths import resolve_path
 
+    if study_path is not None:
+        keys = {ref.name: new_key() for ref in load_study(study_path).sites}
+        pems = {name: key_pem(k) for name, k in keys.items()}  # picklable, for Ray workers
+        roster = {name: openssh_public(k).decode() for name, k in keys.items()}
+
     def requirements(msg: Message, ctxt: Context):
+        auth: dict = {}
+        if study_path is not None:
+            site = resolve_site(ctxt, study_path).name
+            auth = dict(roster=roster, site=site, signing_key=serialization.load_pem_private_key(pems[site], None))
         encoded = str(ctxt.run_config.get(STUDY_B64_KEY, "") or "")
         if study_path is None and encoded:
             study = parse_study(tomllib.loads(decode_study(encoded).decode("utf-8")), source="submitted study")
         else:
             study = load_study(resolve_path(study_path or str(ctxt.run_config.get("study", ""))))
-        return study_requirements(study, n_train=1, group_id=msg.metadata.group_id)
+        return study_requirements(study, n_train=1, group_id=msg.metadata.group_id, **auth)
 
     secagg = make_secaggplus_mod(requirements)
 
