@@ -244,8 +244,6 @@ def _temp_secagg_wiring(study_path: str | None):
     """
     import tomllib
 
-    from cryptography.hazmat.primitives import serialization
-
     from client.secagg_mod import make_secaggplus_mod, study_requirements
     from shared.pki import key_pem, new_key, openssh_public
     from shared.approval import STUDY_B64_KEY, decode_study
@@ -258,6 +256,8 @@ def _temp_secagg_wiring(study_path: str | None):
         roster = {name: openssh_public(k).decode() for name, k in keys.items()}
 
     def requirements(msg: Message, ctxt: Context):
+        from cryptography.hazmat.primitives import serialization  # imported here: Ray pickles this closure
+
         auth: dict = {}
         if study_path is not None:
             site = resolve_site(ctxt, study_path).name
