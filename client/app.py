@@ -23,7 +23,6 @@ import torch
 from flwr.app import Context, Error, Message
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.app.message_type import MessageType
-from flwr.client.mod import secaggplus_mod
 import flwr.compat.common.recorddict_compat as compat
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common.constant import ErrorCode
@@ -33,9 +32,12 @@ from client.audit import AuditLog, audit_path
 from client.privacy.budget import open_ledger, plan_dp_round
 from client.privacy.ledger import LedgerEntry
 from client.query_guard import QueryGuard, guard_path
+from client.secagg_auth import AUTH_KEY
+from client.secagg_mod import Requirements, make_secaggplus_mod, study_requirements
 from client.site_data import load_for_plan, resolve_site
 from client.trainer import evaluate, train
-from shared.config import SiteConfig, StudyConfig
+from shared.approval import ROSTER_KEY, decode_roster
+from shared.config import SiteConfig, StudyConfig, load_study
 from shared.contract import SiteData
 from shared.errors import ConfigError, DataContractError, FedhelixError, RequestRefused, error_code, sealed_line, site_error_log
 from shared.metrics import withhold_small_sample
@@ -43,6 +45,8 @@ from shared.models import build_model
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
 from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
 from shared.omics import selection_moments
+from shared.paths import resolve_path
+from shared.pki import key_pem, load_ssh_private_key, new_key, openssh_public
 from shared.preprocess import is_indicator, moments
 
 log = logging.getLogger("fedhelix.client")
@@ -285,17 +289,26 @@ def _delta(model, parameters: NDArrays) -> NDArrays:
 
 
 SiteOf = Callable[[Context], tuple[SiteConfig, StudyConfig, AuditLog]]
+Authentication = Callable[[Context, str], dict]
 
 
-def make_secure_aggregation_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCallable], Message]:
+def make_secure_aggregation_mod(site_of: SiteOf, authentication: Authentication) -> Callable[[Message, Context, ClientAppCallable], Message]:
     """Run the SecAgg+ client protocol for studies that use it, pass others through.
 
-    Whether a study masks its updates is read from the *approved* study, never from
-    the message: a train message without SecAgg+ for a study that says secure
-    aggregation (or for a statistics round) is refused, so the site never sends in
-    the clear what it agreed to mask. SecAgg+ messages for a study without secure
-    aggregation are refused too.
+    Whether a study masks its updates, and every protocol parameter, is read from the
+    *approved* study, never from the message (:func:`client.secagg_mod.study_requirements`):
+    a train message without SecAgg+ for a study that says secure aggregation (or for a
+    statistics round) is refused, so the site never sends in the clear what it agreed to
+    mask; SecAgg+ messages for a study without it are refused too. ``authentication``
+    gives the roster and signing key that authenticate the sites' SecAgg+ public keys.
     """
+
+    def requirements(msg: Message, ctxt: Context) -> Requirements:
+        site, study, _ = site_of(ctxt)
+        # own weight 1: the mod still refuses, when it masks, a weight above the coordinator's max_weight
+        return study_requirements(study, n_train=1, group_id=msg.metadata.group_id, **authentication(ctxt, site.name))
+
+    secaggplus = make_secaggplus_mod(requirements)
 
     def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type != MessageType.TRAIN:
@@ -304,13 +317,43 @@ def make_secure_aggregation_mod(site_of: SiteOf) -> Callable[[Message, Context, 
         if "secaggplus_configs" in msg.content.config_records:
             if not study.secure.enabled:
                 raise RequestRefused(f"site '{site.name}' refused SecAgg+ messages for study '{study.name}', which does not use secure aggregation")
-            return secaggplus_mod(msg, ctxt, call_next)
+            return secaggplus(msg, ctxt, call_next)
         config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
         if study.secure.enabled or config.get(STAGE_KEY) in ("stats", "select"):
             raise RequestRefused(f"site '{site.name}' refused: study '{study.name}' requires secure aggregation but this update was requested without SecAgg+")
         return call_next(msg, ctxt)
 
     return secure_aggregation_mod
+
+
+def simulated_authentication(study: StudyConfig) -> Authentication:
+    """A simulation's sites each get an ephemeral ECDSA key; their roster authenticates SecAgg+ keys.
+
+    Keys travel as PEM bytes: the simulation ships the ClientApp to its workers by value.
+    """
+    keys = {ref.name: new_key() for ref in study.sites}
+    pems = {name: key_pem(key) for name, key in keys.items()}
+    roster = {name: openssh_public(key).decode() for name, key in keys.items()}
+
+    def authentication(ctxt: Context, site: str) -> dict:
+        from cryptography.hazmat.primitives import serialization
+
+        return dict(roster=roster, site=site, signing_key=serialization.load_pem_private_key(pems[site], None))
+
+    return authentication
+
+
+def deployed_authentication(ctxt: Context, site: str) -> dict:
+    """A node signs with its provisioned key; the roster is the one the admin signed into the run.
+
+    A run without a roster (an admin kit provisioned before rosters existed) leaves keys
+    unauthenticated, and the site says so in its log.
+    """
+    roster = decode_roster(str(ctxt.run_config.get(ROSTER_KEY, "") or "")) if ctxt.run_config.get(ROSTER_KEY) else {}
+    if not roster or AUTH_KEY not in ctxt.node_config:
+        log.warning("site '%s': SecAgg+ public keys are not authenticated (the run carries no roster or the node no key)", site)
+        return {}
+    return dict(roster=roster, site=site, signing_key=load_ssh_private_key(Path(str(ctxt.node_config[AUTH_KEY]))))
 
 
 def make_sealing_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCallable], Message]:
@@ -389,7 +432,12 @@ def create_client_app(
         client = SiteClient(site, str(ledgers) if ledgers else None, simulation, audit, approved=study, guard=guard, run=str(context.run_id))
         return client.to_client()
 
-    return ClientApp(client_fn=client_fn, mods=[make_sealing_mod(site_of), *mods, make_secure_aggregation_mod(site_of)])
+    authentication = deployed_authentication
+    if isinstance(study, StudyConfig):
+        authentication = simulated_authentication(study)
+    elif study is not None:
+        authentication = simulated_authentication(load_study(resolve_path(str(study))))
+    return ClientApp(client_fn=client_fn, mods=[make_sealing_mod(site_of), *mods, make_secure_aggregation_mod(site_of, authentication)])
 
 
 app = create_client_app()

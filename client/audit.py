@@ -39,6 +39,8 @@ FIELDS = ("seq", "time", "site", "study", "round", "kind", "shapes", "l2_norm", 
 class AuditError(FedhelixError):
     """The audit log cannot be written, or it was edited, truncated or reordered."""
 
+    code = "E180"
+
 
 @dataclass(frozen=True)
 class AuditSummary:

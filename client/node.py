@@ -22,6 +22,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from client.secagg_auth import AUTH_KEY
 from client.approval import approvals_path, read_approvals
 from shared.config import SiteConfig, load_site
 from shared.contract import load_site_data
@@ -143,7 +144,8 @@ def prepare_node(
         probe_server(kit)
     # The site file's [privacy] ledger is the one ledger of this dataset (also what `fedhelix ledger show` reads).
     ledger = site.privacy.ledger if site.privacy is not None else None
-    node_config = f'site-config="{site.path}"'
+    # The node key also signs this site's SecAgg+ public keys (checked by the other sites against the signed roster).
+    node_config = f'site-config="{site.path}" {AUTH_KEY}="{kit.key}"'
     command = [
         sys.executable, "-m", "client.supernode_entry",
         "--site", kit.site, "--consortium", kit.consortium, "--approvals", str(approvals), "--admin-cert", str(kit.admin_cert),

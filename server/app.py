@@ -31,7 +31,7 @@ from server.grid_tap import Observer, TappedGrid
 from server.handshake import handshake
 from server.recorder import RunRecorder
 from server.report import write_reports
-from server.secure_aggregation import StrictSecAggPlus, derive_params
+from server.secure_aggregation import StrictSecAggPlus
 from server.short_poll import ShortPollGrid, poll_interval
 from server.strategy import build_strategy
 from server.tracking import add_trackers
@@ -43,6 +43,7 @@ from shared.models import build_model
 from shared.params import get_weights, set_weights
 from shared.paths import resolve_path
 from shared.plan import TrainingPlan
+from shared.secure_aggregation import derive_params
 
 log = logging.getLogger("fedhelix.server")
 

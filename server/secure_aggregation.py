@@ -1,85 +1,87 @@
-"""SecAgg+ for fedhelix: parameters derived from the study, and no silent halts.
+"""SecAgg+ at the coordinator: no silent halts, and masks from the shared full-seed PRG.
 
 Flower 1.42's ``SecAggPlusWorkflow`` logs "Secure aggregation halted" and lets
 the run end as *completed* with the model unchanged. :class:`StrictSecAggPlus`
 raises instead, so the study fails loudly and the report marks the round.
 
-Derivation (documented in docs/secure-aggregation.md):
+It also unmasks with :func:`shared.secure_aggregation.mask_prg` (the sites mask
+with it too, in ``client/secagg_mod.py``) instead of Flower's ``pseudo_rand_gen``,
+which folds every seed to 32 bits; and it relays each site's signature over its
+public keys to its neighbours, which check it against the run's roster.
 
-* ``modulus_range`` M = 2^32 (Flower's default; masks are uniform below M).
-* ``quantization_range`` Q = the largest power of two with n_sites x Q < M, so
-  the sum of n quantised values in [0, Q] cannot wrap around (Flower does not check).
-* ``clipping_range`` c = the study's per-coordinate ``update_bound``; each site
-  clips its delta to [-c, c] *before* the protocol, so Flower's own clipping of
-  ``delta x n_i / max_weight`` (n_i <= max_weight) never bites silently.
-* ``max_weight`` W = the largest site's n_train, reported in the handshake.
-* ``num_shares`` k = n (or n-1, kept odd: even values halt every round), capped
-  at 2 ceil(log2 n) + 1 (at least 5) so cost stays flat as sites grow.
-* ``reconstruction_threshold`` t = k - max(max_dropouts, 1) (Flower needs t < k),
-  required > k/2 (a majority of a site's neighbours must cooperate to unmask
-  anything) and >= 2.
-* Quantisation error of the aggregated mean delta, per coordinate:
-  |error| < n x (2c/Q) x W / sum(n_i)  (stochastic rounding, one step per site).
+The parameter derivation lives in :mod:`shared.secure_aggregation`, so the sites
+derive the same numbers and refuse a setup that differs; it is re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
+import flwr.server.workflow.secure_aggregation.secaggplus_workflow as _flwr_workflow
+from flwr.app import Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from server.strategy import StudyAborted
-from shared.errors import ConfigError
-
-MODULUS_RANGE = 2**32
-MIN_QUANTIZATION_BITS = 16
-
-
-@dataclass(frozen=True)
-class SecAggParams:
-    num_shares: int
-    reconstruction_threshold: int
-    clipping_range: float
-    quantization_range: int
-    modulus_range: int
-    max_weight: float
-
-    def error_bound(self, n_sites: int, total_examples: int) -> float:
-        """Largest per-coordinate quantisation error of the aggregated (mean) delta."""
-        step = 2 * self.clipping_range / self.quantization_range
-        return n_sites * step * self.max_weight / total_examples
+from shared.secure_aggregation import (  # noqa: F401 - re-exported for existing importers
+    AUTH_SIGNATURE_KEY,
+    AUTH_SITE_KEY,
+    MIN_QUANTIZATION_BITS,
+    MODULUS_RANGE,
+    SecAggParams,
+    derive_params,
+    mask_prg,
+)
 
 
-def derive_params(n_sites: int, max_dropouts: int, update_bound: float, max_weight: int) -> SecAggParams:
-    """SecAgg+ parameters for ``n_sites``; a configuration that cannot work is rejected here, before round 1."""
-    if n_sites < 3:
-        raise ConfigError(f"secure aggregation needs at least 3 sites (the study has {n_sites}); add sites or set [study] secure_aggregation = false")
-    quant_bits = int(math.floor(math.log2((MODULUS_RANGE - 1) / n_sites)))
-    if quant_bits < MIN_QUANTIZATION_BITS:
-        raise ConfigError(f"{n_sites} sites leave only {quant_bits} quantisation bits under modulus 2^32; the sum would lose precision")
-    shares = n_sites if n_sites % 2 == 1 else n_sites - 1
-    shares = min(shares, max(5, 2 * math.ceil(math.log2(n_sites)) + 1))
-    threshold = shares - max(max_dropouts, 1)
-    if max_dropouts < 0 or threshold <= shares / 2 or threshold < 2:
-        raise ConfigError(
-            f"max_dropouts = {max_dropouts} is too many for {n_sites} sites: each site shares its keys with {shares} "
-            f"neighbours and unmasking needs a majority (> {shares // 2}) of them; allow at most {math.ceil(shares / 2) - 1} dropouts"
-        )
-    if max_weight <= 0:
-        raise ConfigError("max_weight must be positive (the largest site's number of training examples)")
-    return SecAggParams(
-        num_shares=shares,
-        reconstruction_threshold=threshold,
-        clipping_range=float(update_bound),
-        quantization_range=2**quant_bits,
-        modulus_range=MODULUS_RANGE,
-        max_weight=float(max_weight),
-    )
+_PRG_LOCK = threading.Lock()
+
+
+@contextmanager
+def _unmask_with_mask_prg() -> Iterator[None]:
+    """Make Flower's unmask stage draw masks from :func:`mask_prg` while it runs.
+
+    Flower's workflow module calls its own global ``pseudo_rand_gen``; swapping that
+    one name is smaller than copying the 100-line stage. It is checked first (a
+    Flower upgrade that renames it must fail here, not unmask with the wrong PRG)
+    and serialised by a lock so concurrent studies in one process never see it half-swapped.
+    """
+    with _PRG_LOCK:
+        if getattr(_flwr_workflow, "pseudo_rand_gen", None) is not pseudo_rand_gen:
+            raise RuntimeError("flwr's SecAgg+ workflow no longer calls pseudo_rand_gen by that name: pin flwr 1.42 or update StrictSecAggPlus")
+        _flwr_workflow.pseudo_rand_gen = mask_prg
+        try:
+            yield
+        finally:
+            _flwr_workflow.pseudo_rand_gen = pseudo_rand_gen
+
+
+class _RepliesKept:
+    """A grid that remembers the last replies it received (Flower's setup stage keeps only pk1/pk2)."""
+
+    def __init__(self, grid) -> None:
+        self._grid = grid
+        self.replies: list[Message] = []
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        self.replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        return self.replies
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
 
 
 class StrictSecAggPlus(SecAggPlusWorkflow):
-    """Flower's SecAgg+ workflow, but a halted stage aborts the study instead of passing silently."""
+    """Flower's SecAgg+ workflow, but a halted stage aborts the study instead of passing silently.
+
+    Masks are unmasked with :func:`mask_prg`, and each site's signature over its keys
+    (``AUTH_SIGNATURE_KEY``/``AUTH_SITE_KEY`` in its setup reply) travels with its
+    public keys to its neighbours: Flower's share-keys stage forwards
+    ``state.nid_to_publickeys[nid]`` as is, so appending the two entries there relays them.
+    """
 
     def __init__(self, params: SecAggParams, timeout: float | None = None) -> None:
         super().__init__(
@@ -104,7 +106,16 @@ class StrictSecAggPlus(SecAggPlusWorkflow):
         return ok
 
     def setup_stage(self, grid, context, state) -> bool:  # noqa: D102
-        return self._strict("setup", super().setup_stage(grid, context, state), context)
+        kept = _RepliesKept(grid)
+        ok = super().setup_stage(kept, context, state)
+        for reply in kept.replies:
+            if reply.has_error():
+                continue
+            configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+            keys = state.nid_to_publickeys.get(reply.metadata.src_node_id)
+            if keys is not None and AUTH_SIGNATURE_KEY in configs and AUTH_SITE_KEY in configs:
+                keys.extend([bytes(configs[AUTH_SIGNATURE_KEY]), str(configs[AUTH_SITE_KEY]).encode()])
+        return self._strict("setup", ok, context)
 
     def share_keys_stage(self, grid, context, state) -> bool:  # noqa: D102
         return self._strict("share-keys", super().share_keys_stage(grid, context, state), context)
@@ -113,4 +124,6 @@ class StrictSecAggPlus(SecAggPlusWorkflow):
         return self._strict("collect-masked-vectors", super().collect_masked_vectors_stage(grid, context, state), context)
 
     def unmask_stage(self, grid, context, state) -> bool:  # noqa: D102
-        return self._strict("unmask", super().unmask_stage(grid, context, state), context)
+        with _unmask_with_mask_prg():
+            ok = super().unmask_stage(grid, context, state)
+        return self._strict("unmask", ok, context)

@@ -58,6 +58,8 @@ _NONCE = re.compile(r"[0-9a-f]{32}")
 class ApprovalError(FedhelixError):
     """A node refuses a run: unsigned, signed by someone else, or not approved by the site."""
 
+    code = "E190"
+
 
 class SignatureError(ApprovalError):
     """The run is unsigned, signed by another key or another fedhelix, or its signed fields were changed."""

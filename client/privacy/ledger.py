@@ -62,9 +62,13 @@ CREATE TABLE IF NOT EXISTS entries (
 class LedgerError(FedhelixError):
     """The ledger file is corrupt, tampered with, or not a fedhelix ledger."""
 
+    code = "E170"
+
 
 class BudgetRefused(FedhelixError):
     """Training this round would take the site past its privacy budget: nothing was trained or sent."""
+
+    code = "E160"
 
 
 @dataclass(frozen=True)
