@@ -18,6 +18,7 @@ import torch
 from scipy import stats
 from torch import nn
 
+from client.launcher import reseed_from_os
 from client.privacy import randomness
 from client.privacy.budget import DPRound
 from client.privacy.dpsgd import noisy_step, poisson_batch
@@ -266,3 +267,38 @@ def test_dp_random_keys_by_round_site_and_purpose() -> None:
         assert not torch.equal(base, other.normal(32))
     real = dataclasses.replace(plan, privacy=PrivacyConfig(dp=True))
     assert not torch.equal(dp_random(real, "alpha", 1, "noise").normal(32), dp_random(real, "alpha", 1, "noise").normal(32))
+
+
+# ----------------------------------------------------------------------------- the launcher's reseed of torch
+
+
+def _mt_words() -> np.ndarray:
+    state = torch.get_rng_state().numpy()
+    return np.frombuffer(state[24 : 24 + 624 * 8].tobytes(), dtype=np.uint64) & 0xFFFFFFFF
+
+
+def _seeded_by_32_bits(words: np.ndarray) -> bool:
+    """Whether the Mersenne Twister state is manual_seed's expansion of its first word (a 32-bit seed)."""
+    return all(int(words[j]) == (1812433253 * (int(words[j - 1]) ^ (int(words[j - 1]) >> 30)) + j) & 0xFFFFFFFF for j in range(1, 8))
+
+
+@pytest.fixture
+def keep_torch_rng():
+    saved = torch.get_rng_state()
+    yield
+    torch.set_rng_state(saved)
+
+
+def test_torch_state_layout_is_what_the_launcher_assumes(keep_torch_rng) -> None:
+    torch.manual_seed(5 + HIGH_BIT)
+    assert torch.get_rng_state().numel() == 5056
+    words = _mt_words()
+    assert int(words[0]) == 5 and _seeded_by_32_bits(words)  # the 32-bit truncation, seen in the state itself
+
+
+def test_launcher_reseed_sets_torchs_full_state_from_the_os(keep_torch_rng) -> None:
+    reseed_from_os()
+    first, draw = _mt_words(), torch.rand(4)
+    assert not _seeded_by_32_bits(first), "torch was seeded with 32 bits, not given a full OS-random state"
+    reseed_from_os()
+    assert not np.array_equal(first, _mt_words()) and not torch.equal(draw, torch.rand(4))
