@@ -302,3 +302,26 @@ def test_launcher_reseed_sets_torchs_full_state_from_the_os(keep_torch_rng) -> N
     assert not _seeded_by_32_bits(first), "torch was seeded with 32 bits, not given a full OS-random state"
     reseed_from_os()
     assert not np.array_equal(first, _mt_words()) and not torch.equal(draw, torch.rand(4))
+
+
+def _molecule_dp_train(reproducible: bool) -> list[np.ndarray]:
+    from client.graph_trainer import train_graphs
+    from shared.molecule_data import MoleculeData
+    from shared.molecules import ATOM_FEATURES, featurise
+
+    graphs, _ = featurise(["CCO", "c1ccccc1", "CC(=O)O", "CCN", "CCCCCC", "O=C=O", "CC(C)O", "c1ccncc1"])
+    y = np.linspace(-1, 1, len(graphs)).astype(np.float32)
+    data = MoleculeData("alpha", tuple(ATOM_FEATURES), ("y",), tuple(graphs), y, tuple(graphs[:2]), y[:2])
+    options = ModelOptions(hidden=(8,), layers=2, conv="graphconv", pooling="add")
+    plan = TrainingPlan(
+        study="unit", task="regression", model="gnn", local_steps=3, batch_size=4, learning_rate=0.1, optimizer="sgd",
+        proximal_mu=0.0, seed=11, model_options=options, privacy=PrivacyConfig(dp=True, reproducible_noise=reproducible),
+    )  # fmt: skip
+    model = build_model("gnn", "regression", len(ATOM_FEATURES), options, seed=1)
+    train_graphs(model, data, plan, 1, DPRound(noise_multiplier=1.0, sample_rate=0.5, steps=3, delta=1e-5, max_grad_norm=1.0, accountant="rdp"))
+    return get_weights(model)
+
+
+def test_molecule_dp_training_draws_from_the_same_sources() -> None:
+    assert all(np.array_equal(a, b) for a, b in zip(_molecule_dp_train(True), _molecule_dp_train(True)))
+    assert not all(np.array_equal(a, b) for a, b in zip(_molecule_dp_train(False), _molecule_dp_train(False)))
