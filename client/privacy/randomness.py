@@ -76,35 +76,42 @@ class SecureRandom:
 
     def uniform(self, n: int) -> torch.Tensor:
         """``n`` float64 uniforms on (0, 1], 53 random bits each (never 0, so ``log`` is finite)."""
-        return torch.from_numpy(self._uniform53(self._keystream(8 * n)))
+        return torch.from_numpy(self._uniform53(self._keystream(8 * n), np.float64))
 
     @staticmethod
-    def _uniform53(raw: np.ndarray) -> np.ndarray:
-        words = raw.view(np.uint64)
-        u = ((words >> np.uint64(11)) + np.uint64(1)).astype(np.float64)
-        u *= 2.0**-53
+    def _uniform53(raw: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
+        """Keystream words as ``(k + 1) / 2^53`` for 53-bit k: uniform on (0, 1], smallest value 2^-53.
+
+        In float32 the value is rounded to 24 significant bits, but the smallest ones
+        stay exact (float32 reaches 2^-126), which is what the Gaussian tail needs.
+        """
+        ints = (raw.view(np.uint64) >> np.uint64(11)).view(np.int64)  # < 2^53: int64 converts fast, uint64 does not
+        ints += 1
+        u = ints.astype(dtype)
+        u *= dtype(2.0**-53)
         return u
 
     def normal(self, n: int) -> torch.Tensor:
-        """``n`` float32 standard normals by Box–Muller.
+        """``n`` float32 standard normals by Box–Muller, 12 keystream bytes per pair.
 
-        The radius uses a 53-bit uniform on (0, 1] in float64, so ``|z|`` reaches
-        ``sqrt(2 * 53 * ln 2) = 8.57`` (the true tail beyond that has mass ~1e-17);
-        the angle uses a 32-bit uniform in float32 (resolution 2 pi / 2^24 after
-        rounding): 12 keystream bytes per pair. Float64 throughout measured 3x slower.
-        The arithmetic is NumPy's (single-threaded): as a chain of small torch ops it
-        matched ``torch.randn`` on an idle machine but, with 2 OpenMP threads on a loaded
-        one, each parallel region's barrier cost up to 10x.
+        The radius ``sqrt(-2 ln u)`` takes a 53-bit uniform u on (0, 1]: its smallest
+        value 2^-53 is exact in float32, so ``|z|`` reaches ``sqrt(2 * 53 * ln 2) = 8.57``
+        (a Gaussian's mass beyond is ~1e-17; 32-bit uniforms would stop at 6.66, whose
+        missing tail, ~1e-10 per coordinate, is not negligible against delta over
+        thousands of steps of 85k coordinates). torch's own CPU ``randn`` uses 24-bit
+        uniforms (5.8). The angle takes a 32-bit uniform. The arithmetic is float32
+        (a float64 radius measured 1.2x slower for no difference in float32 output) and NumPy's,
+        single-threaded: a chain of torch ops, each with a 2-thread OpenMP region, cost
+        up to 10x on a loaded machine.
         """
         if n < 0:
             raise ValueError("n must be >= 0")
         pairs = (n + 1) // 2
         raw = self._keystream(12 * pairs)
-        radius = self._uniform53(raw[: 8 * pairs])
+        radius = self._uniform53(raw[: 8 * pairs], np.float32)
         np.log(radius, out=radius)
-        radius *= -2.0
+        radius *= np.float32(-2.0)
         np.sqrt(radius, out=radius)
-        radius = radius.astype(np.float32)
         angle = raw[8 * pairs :].view(np.uint32).astype(np.float32)
         angle *= np.float32(_TWO_PI_2_32)
         out = np.empty(2 * pairs, dtype=np.float32)
@@ -135,7 +142,7 @@ class SecureRandom:
         while True:
             left = n - 1 - last
             k = int(left * q + 6.0 * math.sqrt(left * q) + 16)  # enough gaps to pass the end, almost always in one draw
-            gaps = np.floor(np.log(self._uniform53(self._keystream(8 * k))) / log_miss)
+            gaps = np.floor(np.log(self._uniform53(self._keystream(8 * k), np.float64)) / log_miss)
             positions = last + np.cumsum(np.minimum(gaps, n).astype(np.int64) + 1)  # capped: no int64 overflow
             inside = positions[positions < n]
             chosen.append(inside)
