@@ -11,8 +11,10 @@ featurisation of the SMILES on neither. The tabular DP steps use
 fedhelix's Linear fast path (per-sample clipping without per-sample gradient
 tensors) with Poisson sampling and Gaussian noise; Opacus's own ghost clipping
 is timed on the MLP for reference. Each variant is timed in alternation, best
-of several repeats. Writes ``dp_overhead_mlp``, ``dp_overhead_tcga`` and
-``dp_overhead_gnn`` (DP time / non-DP time per step) to bench/results.json.
+of several repeats. DP noise and batches come from ``SecureRandom`` (ChaCha20), as
+in training; the MLP run also times that noise draw alone against ``torch.randn``
+(``dp_noise_draw_us``). Writes ``dp_overhead_mlp``, ``dp_overhead_tcga`` and
+``dp_overhead_gnn`` (DP time / non-DP time per step) to bench/results.json (or ``--results``).
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.results import record  # noqa: E402
+from bench.results import RESULTS, record  # noqa: E402
 from client.privacy.dpsgd import noisy_step, poisson_batch  # noqa: E402
+from client.privacy.randomness import SecureRandom  # noqa: E402
 from shared.config import ModelOptions  # noqa: E402
 from shared.models import MLP, build_model  # noqa: E402
 from shared.tasks import per_sample_loss  # noqa: E402
@@ -48,10 +51,10 @@ def side_by_side(model, loss_fn, x, y, batch: int, steps: int, repeats: int) -> 
     n = len(x)
     q = batch / n
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    sampler, noise = np.random.default_rng(0), torch.Generator().manual_seed(1)
+    picker, sampler, noise = np.random.default_rng(0), SecureRandom.from_os(), SecureRandom.from_os()
 
     def plain():
-        idx = torch.from_numpy(sampler.integers(0, n, batch))
+        idx = torch.from_numpy(picker.integers(0, n, batch))
         opt.zero_grad(set_to_none=True)
         loss_fn(model(x[idx]), y[idx]).mean().backward()
         opt.step()
@@ -113,10 +116,10 @@ def gnn_side_by_side(steps: int, repeats: int, batch: int = 32) -> tuple[list[fl
     loss_fn = per_sample_loss("regression")
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     n, q = len(graphs), batch / len(graphs)
-    sampler, noise, layers = np.random.default_rng(0), torch.Generator().manual_seed(1), molecule_layers(model)
+    picker, sampler, noise, layers = np.random.default_rng(0), SecureRandom.from_os(), SecureRandom.from_os(), molecule_layers(model)
 
     def plain():
-        idx = sampler.integers(0, n, batch).tolist()
+        idx = picker.integers(0, n, batch).tolist()
         opt.zero_grad(set_to_none=True)
         loss_fn(model(*sparse_batch([graphs[i] for i in idx])), y[idx]).mean().backward()
         opt.step()
@@ -135,12 +138,29 @@ def gnn_side_by_side(steps: int, repeats: int, batch: int = 32) -> tuple[list[fl
     return plains, dps
 
 
+def randomness_draws(n_params: int, n_rows: int, q: float, steps: int, repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` microseconds per draw: one step's noise (SecureRandom vs torch.randn) and batch (vs NumPy)."""
+    secure, gen, rng = SecureRandom.from_os(), torch.Generator().manual_seed(1), np.random.default_rng(0)
+    draws = {
+        "secure_normal": lambda: secure.normal(n_params),
+        "torch_randn": lambda: torch.randn(n_params, generator=gen),
+        "secure_poisson": lambda: secure.poisson_indices(n_rows, q),
+        "numpy_poisson": lambda: torch.from_numpy(rng.choice(n_rows, size=int(rng.binomial(n_rows, q)), replace=False)),
+    }
+    best = dict.fromkeys(draws, float("inf"))
+    for _ in range(repeats):
+        for name, fn in draws.items():
+            best[name] = min(best[name], _time(fn, steps) * 1e6)
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=["mlp", "tcga", "gnn"], choices=["mlp", "tcga", "gnn"])
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON file the figures are merged into")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -158,35 +178,48 @@ def main() -> None:
             dp_overhead_gnn=round(g_dp / g_plain, 3), dp_overhead_gnn_median_ratio=round(float(np.median(ratios)), 3),
             gnn_plain_ms_per_step=round(g_plain * 1e3, 2), gnn_dp_ms_per_step=round(g_dp * 1e3, 2),
         )  # fmt: skip
-    if "mlp" not in args.models and "tcga" not in args.models:
-        record(figures)
-        return
+    if "mlp" in args.models:
+        figures.update(mlp_figures(args.steps, args.repeats))
+    if "tcga" in args.models:
+        figures.update(tcga_figures(args.steps, args.repeats))
+    record(figures, args.results)
 
+
+def mlp_figures(steps: int, repeats: int) -> dict[str, float]:
+    """The MLP's DP/plain step ratio, Opacus ghost for reference, and the cost of its noise draw."""
     x = torch.randn(100_000, 200)
     y = (x[:, :5].sum(1) + 0.5 * torch.randn(100_000) > 0).float()
     mlp = MLP(200, (256, 128))
-    plain, dp = side_by_side(mlp, per_sample_loss("binary"), x, y, batch=256, steps=args.steps, repeats=args.repeats)
-    ghost = opacus_ghost(x, y, 256, max(20, args.steps // 2))
+    plain, dp = side_by_side(mlp, per_sample_loss("binary"), x, y, batch=256, steps=steps, repeats=repeats)
+    ghost = opacus_ghost(x, y, 256, max(20, steps // 2))
     print(f"MLP 200-256-128-1, batch 256: plain {256 / plain:,.0f} samples/s, DP {256 / dp:,.0f} samples/s -> DP/plain {dp / plain:.2f}x")
     print(f"  Opacus ghost clipping on the same MLP: {256 / ghost:,.0f} samples/s -> {ghost / plain:.2f}x plain")
+    n_params = sum(p.numel() for p in mlp.parameters())
+    d = randomness_draws(n_params, len(x), 256 / len(x), steps, repeats)
+    print(
+        f"  noise for {n_params:,} parameters: SecureRandom (ChaCha20) {d['secure_normal']:.0f} us vs torch.randn {d['torch_randn']:.0f} us "
+        f"= {d['secure_normal'] / (dp * 1e6):.1%} vs {d['torch_randn'] / (dp * 1e6):.1%} of a DP step ({dp * 1e6:.0f} us); "
+        f"Poisson batch of {len(x):,} rows: {d['secure_poisson']:.0f} us vs NumPy {d['numpy_poisson']:.0f} us; "
+        f"net cost of the secure source {(d['secure_normal'] + d['secure_poisson'] - d['torch_randn'] - d['numpy_poisson']) / (dp * 1e6):+.1%} of a DP step"
+    )  # fmt: skip
+    return {
+        "dp_overhead_mlp": round(dp / plain, 3),
+        "dp_overhead_mlp_opacus_ghost": round(ghost / plain, 3),
+        "mlp_plain_samples_per_s": round(256 / plain),
+        "mlp_dp_samples_per_s": round(256 / dp),
+        "dp_noise_draw_us": round(d["secure_normal"], 1),
+    }
 
+
+def tcga_figures(steps: int, repeats: int) -> dict[str, float]:
+    """The TCGA hazard model's DP/plain step ratio."""
     bins = (365.0, 730.0, 1095.0, 1460.0, 1825.0, 2555.0, 3650.0)
     xt = torch.randn(1000, 39)
     yt = torch.stack([torch.rand(1000) * 4000, (torch.rand(1000) < 0.14).float()], 1)
     hazard = build_model("hazard", "survival", 39, ModelOptions(time_bins=bins))
-    t_plain, t_dp = side_by_side(hazard, per_sample_loss("survival", "hazard", bins), xt, yt, batch=8, steps=args.steps * 5, repeats=args.repeats)
+    t_plain, t_dp = side_by_side(hazard, per_sample_loss("survival", "hazard", bins), xt, yt, batch=8, steps=steps * 5, repeats=repeats)
     print(f"TCGA hazard model (39 -> 8 intervals), batch 8: plain {t_plain * 1e6:.0f} us/step, DP {t_dp * 1e6:.0f} us/step -> {t_dp / t_plain:.2f}x")
-
-    record(
-        {
-            **figures,
-            "dp_overhead_mlp": round(dp / plain, 3),
-            "dp_overhead_mlp_opacus_ghost": round(ghost / plain, 3),
-            "mlp_plain_samples_per_s": round(256 / plain),
-            "mlp_dp_samples_per_s": round(256 / dp),
-            "dp_overhead_tcga": round(t_dp / t_plain, 3),
-        }
-    )
+    return {"dp_overhead_tcga": round(t_dp / t_plain, 3)}
 
 
 if __name__ == "__main__":

@@ -25,7 +25,8 @@ from torch_geometric.nn.dense.linear import Linear as PyGLinear
 
 from client.privacy.budget import DPRound
 from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
-from client.trainer import _optimizer, derived_seed, dp_seed, plain_steps
+from client.privacy.randomness import SecureRandom
+from client.trainer import _optimizer, derived_seed, dp_random, plain_steps
 from shared.errors import ConfigError
 from shared.gnn import DenseBatch, DenseView, MoleculeGNN, dense_batch, sparse_batch
 from shared.metrics import multitask_metrics, task_metrics
@@ -45,8 +46,8 @@ def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, ser
     y = torch.from_numpy(np.asarray(data.y_train, dtype=np.float32))
     optimizer = _optimizer(model, plan)
     if dp is not None:
-        sampler = np.random.default_rng(dp_seed(plan, data.site, server_round, "poisson"))
-        noise = torch.Generator().manual_seed(dp_seed(plan, data.site, server_round, "noise"))
+        sampler = dp_random(plan, data.site, server_round, "poisson")
+        noise = dp_random(plan, data.site, server_round, "noise")
         return _train_graphs_dp(model, data, y, plan, dp, optimizer, sampler, noise)
     forward = lambda idx: model(*sparse_batch([graphs[i] for i in idx.tolist()]))  # noqa: E731
     return plain_steps(model, len(graphs), forward, y, loss_for(plan.task), plan, optimizer, generator)
@@ -59,7 +60,7 @@ def molecule_layers(model: MoleculeGNN) -> list[nn.Module] | None:
 
 def molecule_dp_step(
     model: MoleculeGNN, layers: list[nn.Module] | None, optimizer, loss_fn, graphs: list, y: torch.Tensor,
-    *, max_grad_norm: float, noise_multiplier: float, expected_batch_size: float, noise: torch.Generator, max_atoms: int,
+    *, max_grad_norm: float, noise_multiplier: float, expected_batch_size: float, noise: SecureRandom, max_atoms: int,
 ) -> None:  # fmt: skip
     """One DP-SGD step on a Poisson-sampled list of molecules, each molecule one privacy unit."""
     dp = dict(max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, expected_batch_size=expected_batch_size, noise=noise)
@@ -80,7 +81,7 @@ def _empty_dense() -> DenseBatch:
     return torch.zeros(0, 1, len(ATOM_FEATURES)), torch.zeros(0, 1, 1), torch.zeros(0, 1, dtype=torch.bool)
 
 
-def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler, noise) -> dict[str, float]:
+def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: SecureRandom, noise: SecureRandom) -> dict[str, float]:
     if plan.proximal_mu > 0:
         raise ConfigError("FedProx's proximal term is not supported under DP-SGD")
     cap = plan.model_options.max_atoms

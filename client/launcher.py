@@ -121,14 +121,28 @@ def preload(modules: Iterable[str] = HEAVY_MODULES) -> list[str]:
     return loaded
 
 
+_TORCH_CPU_STATE_BYTES = 5056  # torch's CPUGeneratorImplState (checked on torch 2.13 by tests/test_randomness.py)
+
+
 def reseed_from_os() -> None:
-    """Give this process fresh random state from the OS CSPRNG (a forked child starts with its parent's)."""
+    """Give this process fresh random state from the OS CSPRNG (a forked child starts with its parent's).
+
+    ``torch.manual_seed`` keeps only 32 bits on CPU, so torch's Mersenne Twister gets
+    all 624 state words from the OS instead (19,968 bits). That state drives dropout
+    and plain shuffling only: DP noise and batches come from ``client.privacy.randomness``.
+    """
     random.seed(secrets.token_bytes(32))
     if "numpy" in sys.modules:
         np = sys.modules["numpy"]
         np.random.seed(np.frombuffer(secrets.token_bytes(32), dtype=np.uint32))
     if "torch" in sys.modules:
-        sys.modules["torch"].manual_seed(secrets.randbits(63))
+        torch = sys.modules["torch"]
+        torch.manual_seed(secrets.randbits(63))  # also resets the cached normal and any other device's generator
+        state = torch.get_rng_state()
+        if state.numel() == _TORCH_CPU_STATE_BYTES and sys.byteorder == "little":  # layout: seed u64, left i32, seeded i32, next u64, 624 x u64 words
+            words = state[24 : 24 + 624 * 8].view(624, 8)
+            words[:, :4] = torch.frombuffer(bytearray(secrets.token_bytes(624 * 4)), dtype=torch.uint8).view(624, 4)
+            torch.set_rng_state(state)
 
 
 def forget_app_modules() -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import secrets
 from collections.abc import Callable
 
 import numpy as np
@@ -12,6 +11,7 @@ from torch import nn
 
 from client.privacy.budget import DPRound
 from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
+from client.privacy.randomness import SecureRandom
 from shared.contract import SiteData
 from shared.errors import ConfigError
 from shared.metrics import task_metrics
@@ -43,17 +43,18 @@ def _optimizer(model: nn.Module, plan: TrainingPlan) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=plan.learning_rate)
 
 
-def dp_seed(plan: TrainingPlan, site: str, server_round: int, purpose: str) -> int:
-    """Seed of the DP noise and Poisson batches: OS-random, or the study seed when a test asks.
+def dp_random(plan: TrainingPlan, site: str, server_round: int, purpose: str) -> SecureRandom:
+    """Source of the DP noise or Poisson batches: a fresh 256-bit OS key, or the study seed when a simulation asks.
 
-    torch's and NumPy's generators are not cryptographically secure (Opacus's
-    ``secure_mode`` needs torchcsprng, which does not install with torch 2.13);
-    a fresh 63-bit OS-random seed per round keeps noise and batch selection
-    unpredictable to the coordinator and distinct across rounds and forked processes.
+    A ChaCha20 keystream keyed from ``os.urandom`` cannot be predicted or searched
+    by the coordinator (a torch generator keeps only 32 bits of its seed), and a new
+    key per round and purpose keeps draws distinct across rounds and forked processes.
+    ``reproducible_noise`` (refused on a real node) derives the key from
+    (study seed, site, round, purpose) so a simulation reruns exactly.
     """
     if plan.privacy.reproducible_noise:
-        return derived_seed(plan.seed, site, server_round, purpose)
-    return secrets.randbits(63)
+        return SecureRandom.from_seed(plan.seed, site, server_round, purpose)
+    return SecureRandom.from_os()
 
 
 def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None) -> dict[str, float]:
@@ -74,8 +75,8 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
     optimizer = _optimizer(model, plan)
     if dp is not None:
         # Secret batch selection: privacy amplification by sampling assumes the server cannot predict it.
-        sampler = np.random.default_rng(dp_seed(plan, data.site, server_round, "poisson"))
-        noise = torch.Generator().manual_seed(dp_seed(plan, data.site, server_round, "noise"))
+        sampler = dp_random(plan, data.site, server_round, "poisson")
+        noise = dp_random(plan, data.site, server_round, "noise")
         return _train_dp(model, x, y, plan, dp, optimizer, sampler, noise)
     loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins)
     return plain_steps(model, len(x), lambda idx: model(x[idx]), y, loss_fn, plan, optimizer, generator)
@@ -102,7 +103,7 @@ def plain_steps(model, n_rows: int, forward: Callable[[torch.Tensor], torch.Tens
     return {"train_loss": total / max(count, 1)}
 
 
-def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: np.random.Generator, noise: torch.Generator) -> dict[str, float]:
+def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: SecureRandom, noise: SecureRandom) -> dict[str, float]:
     loss_fn = per_sample_loss(plan.task, plan.model, plan.model_options.time_bins)
     if loss_fn is None:
         raise ConfigError(f"model {plan.model!r} has no per-sample loss; it cannot be trained under DP")

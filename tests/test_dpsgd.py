@@ -9,13 +9,13 @@ from __future__ import annotations
 import copy
 import math
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from client.privacy import dpsgd
 from client.privacy.dpsgd import clipped_grad_sum, noisy_step, poisson_batch
+from client.privacy.randomness import SecureRandom
 from shared.config import ModelOptions
 from shared.models import LogisticHazard, build_model
 from shared.tasks import hazard_nll_per_patient, per_sample_loss
@@ -192,7 +192,7 @@ def test_noisy_step_without_noise_is_sgd_on_the_clipped_sum_over_expected_batch(
 
     noisy_step(
         model, torch.optim.SGD(trainable(model), lr=lr), loss_fn, x, y,
-        max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=expected, noise=torch.Generator().manual_seed(0),
+        max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=expected, noise=SecureRandom.from_seed(0),
     )  # fmt: skip
 
     for p in model.parameters():
@@ -217,7 +217,7 @@ def test_noisy_step_noise_has_std_sigma_c_over_expected_batch() -> None:
     assert (ref_norms > clip).any()
     mean_grad = torch.cat([ref[p].flatten() for p in model.parameters()]) / expected
     start = copy.deepcopy(model.state_dict())
-    noise = torch.Generator().manual_seed(2024)
+    noise = SecureRandom.from_seed(2024)
     residuals = []
     for _ in range(reps):
         model.load_state_dict(start)
@@ -241,7 +241,7 @@ def test_noisy_step_noise_is_determined_by_the_generator() -> None:
         model, loss_fn, x, y = make_case("logistic")
         noisy_step(
             model, torch.optim.SGD(model.parameters(), lr=0.1), loss_fn, x, y,
-            max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=20.0, noise=torch.Generator().manual_seed(seed),
+            max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=20.0, noise=SecureRandom.from_seed(seed),
         )  # fmt: skip
         return [p.detach().clone() for p in model.parameters()]
 
@@ -260,7 +260,7 @@ def test_empty_batch_is_a_pure_noise_step(case: str) -> None:
         before = {p: p.detach().clone() for p in model.parameters()}
         noisy_step(
             model, torch.optim.SGD(trainable(model), lr=lr), loss_fn, x, y,
-            max_grad_norm=clip, noise_multiplier=sigma, expected_batch_size=expected, noise=torch.Generator().manual_seed(seed),
+            max_grad_norm=clip, noise_multiplier=sigma, expected_batch_size=expected, noise=SecureRandom.from_seed(seed),
         )  # fmt: skip
         return {p: before[p] - p.detach() for p in model.parameters()}
 
@@ -284,7 +284,7 @@ def test_empty_batch_noise_has_std_sigma_c_over_expected_batch() -> None:
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     noisy_step(
         model, torch.optim.SGD(model.parameters(), lr=1.0), per_sample_loss("binary"), torch.empty(0, d), torch.empty(0),
-        max_grad_norm=clip, noise_multiplier=sigma, expected_batch_size=expected, noise=torch.Generator().manual_seed(5),
+        max_grad_norm=clip, noise_multiplier=sigma, expected_batch_size=expected, noise=SecureRandom.from_seed(5),
     )  # fmt: skip
     grad = (before - torch.cat([p.detach().flatten() for p in model.parameters()])).double()
     target = sigma * clip / expected
@@ -297,7 +297,7 @@ def test_empty_batch_noise_has_std_sigma_c_over_expected_batch() -> None:
 
 def test_poisson_batch_size_has_mean_q_times_n() -> None:
     n, q, draws = 1000, 0.05, 400
-    rng = np.random.default_rng(3)
+    rng = SecureRandom.from_seed(3)
     sizes, hits = [], torch.zeros(n)
     for _ in range(draws):
         idx = poisson_batch(n, q, rng)
@@ -318,11 +318,11 @@ def test_poisson_batch_size_has_mean_q_times_n() -> None:
 
 
 def test_poisson_batch_extremes_and_determinism() -> None:
-    assert len(poisson_batch(50, 0.0, np.random.default_rng(0))) == 0
-    assert sorted(poisson_batch(50, 1.0, np.random.default_rng(0)).tolist()) == list(range(50))
-    a = poisson_batch(200, 0.3, np.random.default_rng(8))
-    b = poisson_batch(200, 0.3, np.random.default_rng(8))
-    c = poisson_batch(200, 0.3, np.random.default_rng(9))
+    assert len(poisson_batch(50, 0.0, SecureRandom.from_seed(0))) == 0
+    assert sorted(poisson_batch(50, 1.0, SecureRandom.from_seed(0)).tolist()) == list(range(50))
+    a = poisson_batch(200, 0.3, SecureRandom.from_seed(8))
+    b = poisson_batch(200, 0.3, SecureRandom.from_seed(8))
+    c = poisson_batch(200, 0.3, SecureRandom.from_seed(9))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 

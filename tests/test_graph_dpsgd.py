@@ -15,6 +15,7 @@ import torch
 
 from client.graph_trainer import atom_rows, molecule_dp_step, molecule_layers
 from client.privacy.dpsgd import clipped_grad_sum, noisy_step
+from client.privacy.randomness import SecureRandom
 from shared.config import ModelOptions
 from shared.gnn import DenseView, dense_batch, sparse_batch
 from shared.models import build_model
@@ -130,7 +131,7 @@ def test_dp_step_without_noise_moves_the_gnn_by_the_clipped_reference_sum(conv: 
     before = {p: p.detach().clone() for p in ref}
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     layers = molecule_layers(model) if route == "fast" else None  # None: dense padded graphs + vmap(grad)
-    molecule_dp_step(model, layers, optimizer, loss_fn, graphs, y, max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=expected, noise=torch.Generator().manual_seed(0), max_atoms=64)
+    molecule_dp_step(model, layers, optimizer, loss_fn, graphs, y, max_grad_norm=clip, noise_multiplier=0.0, expected_batch_size=expected, noise=SecureRandom.from_seed(0), max_atoms=64)
     for p, g in ref.items():
         assert torch.allclose(p.detach(), before[p] - lr * g / expected, rtol=1e-4, atol=1e-6)
 
@@ -139,7 +140,7 @@ def test_dp_step_on_an_empty_batch_is_pure_noise() -> None:
     model, _, y, loss_fn = _case("regression", "graphconv", "add")
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    molecule_dp_step(model, molecule_layers(model), optimizer, loss_fn, [], y[:0], max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4.0, noise=torch.Generator().manual_seed(0), max_atoms=64)
+    molecule_dp_step(model, molecule_layers(model), optimizer, loss_fn, [], y[:0], max_grad_norm=1.0, noise_multiplier=1.0, expected_batch_size=4.0, noise=SecureRandom.from_seed(0), max_atoms=64)
     assert all(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
 
 

@@ -19,16 +19,19 @@ Two exact routes to the sum of per-sample clipped gradients:
 Both are checked against a slow one-sample-at-a-time reference in the tests.
 Noise is added once to the clipped sum, scaled to ``sigma * C``, and the result
 divided by the *expected* batch size ``q * n`` (Opacus's convention for Poisson
-sampling), so an empty batch is a valid step of pure noise.
+sampling), so an empty batch is a valid step of pure noise. Noise and batches come
+only from :class:`client.privacy.randomness.SecureRandom` (ChaCha20, 256-bit key):
+a torch or NumPy generator is refused, since its seed can be searched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 from torch import nn
+
+from client.privacy.randomness import SecureRandom
 
 PerSampleLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -200,7 +203,7 @@ def noisy_step(
     max_grad_norm: float,
     noise_multiplier: float,
     expected_batch_size: float,
-    noise: torch.Generator,
+    noise: SecureRandom,
     layers: list[nn.Module] | None | str = "find",
     row_samples: dict[nn.Module, torch.Tensor] | None = None,
 ) -> None:
@@ -212,13 +215,15 @@ def noisy_step(
     ``x`` may be a tuple of per-sample inputs (e.g. padded graphs): those take the
     generic path unless ``layers`` lists the model's Linear layers explicitly, with
     ``row_samples`` naming the sample of each input row where rows are not samples
-    (e.g. atoms of a PyG sparse batch: ``{layer: batch}``).
+    (e.g. atoms of a PyG sparse batch: ``{layer: batch}``). ``noise`` must be a
+    :class:`SecureRandom`: the coordinator must not be able to replay the noise.
     """
+    _require_secure(noise)
     params = [p for p in model.parameters() if p.requires_grad]
     std = noise_multiplier * max_grad_norm
     scale = 1.0 / expected_batch_size
     # One standard-normal draw for all tensors, split per parameter.
-    gaussian = torch.randn(sum(p.numel() for p in params), generator=noise)
+    gaussian = noise.normal(sum(p.numel() for p in params))
     chunks, offset = {}, 0
     for p in params:
         chunks[p] = gaussian[offset : offset + p.numel()].view_as(p)
@@ -245,12 +250,16 @@ def noisy_step(
     optimizer.zero_grad(set_to_none=True)
 
 
-def poisson_batch(n: int, sample_rate: float, rng: np.random.Generator) -> torch.Tensor:
+def poisson_batch(n: int, sample_rate: float, rng: SecureRandom) -> torch.Tensor:
     """Indices of a Poisson-sampled batch: every row joins independently with probability q.
 
-    Drawn as a Binomial(n, q) size and then a uniform subset of that size, which
-    has exactly the distribution of independent per-row coin flips but costs
-    O(batch) instead of O(n) per step (NumPy uses Floyd's algorithm for small subsets).
+    Secret batch selection is what privacy amplification by sampling assumes, so
+    ``rng`` must be a :class:`SecureRandom` (see its ``poisson_indices``).
     """
-    size = int(rng.binomial(n, sample_rate))
-    return torch.from_numpy(rng.choice(n, size=size, replace=False).astype(np.int64))
+    _require_secure(rng)
+    return rng.poisson_indices(n, sample_rate)
+
+
+def _require_secure(source: object) -> None:
+    if not isinstance(source, SecureRandom):
+        raise TypeError(f"DP randomness must come from SecureRandom, not {type(source).__name__} (a searchable seed)")
