@@ -31,7 +31,7 @@ from client.approved_plan import approved_study, check_labels, check_selected, c
 from client.audit import AuditLog, audit_path
 from client.privacy.budget import open_ledger, plan_dp_round
 from client.privacy.ledger import LedgerEntry
-from client.query_guard import QueryGuard, guard_path
+from client.query_guard import QueryGuard, QueryRefused, guard_path
 from client.secagg_auth import AUTH_KEY
 from client.secagg_mod import Requirements, make_secaggplus_mod, study_requirements
 from client.site_data import load_for_plan, resolve_site
@@ -262,6 +262,8 @@ class SiteClient(NumPyClient):
 
     def evaluate(self, parameters, config):
         plan = self._plan(config)
+        if not plan.privacy.evaluation:
+            raise QueryRefused(f"site '{self.site.name}' refused an evaluation: study '{plan.study}' releases no evaluation metrics ([privacy] evaluation = false)")
         server_round = _round(config)
         self._claim(plan, "evaluate", server_round)
         data, model = self._setup(plan, parameters)

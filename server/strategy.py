@@ -85,7 +85,14 @@ class DeltaAggregationMixin:
     recorder: RunRecorder
     required_sites: int
     max_update_norm: float | None = None
+    evaluation: bool = True  # the study's [privacy] evaluation: false = sites release no metrics
     _global: NDArrays
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager):  # noqa: D102
+        if not self.evaluation:  # sites would refuse: close the round without metrics instead of asking
+            self.recorder.record_evaluate(server_round, {})
+            return []
+        return super().configure_evaluate(server_round, parameters, client_manager)  # type: ignore[misc]
 
     def configure_fit(self, server_round: int, parameters: Parameters, client_manager):  # noqa: D102
         self._global = [np.asarray(a) for a in parameters_to_ndarrays(parameters)]
@@ -183,6 +190,7 @@ def build_strategy(study: StudyConfig, plan: TrainingPlan, initial: NDArrays, re
     strategy.recorder = recorder
     strategy.required_sites = study.required_sites
     strategy.max_update_norm = None if study.secure.enabled else study.robustness.max_update_norm
+    strategy.evaluation = study.privacy.evaluation
     if study.privacy.dp and study.privacy.level == "site":
         sigma = site_level_noise(study)
         log.info("site-level DP: clipping norm %g, noise multiplier %.3f for epsilon %g over %d rounds", study.privacy.site_clipping_norm, sigma, study.privacy.target_epsilon, study.rounds)

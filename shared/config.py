@@ -70,6 +70,9 @@ class PrivacyConfig:
     reproducible_noise: bool = False  # tests only: seed the DP noise from the study seed
     level: str = "record"  # record: DP-SGD at each site (protects a patient); site: central DP (protects a site)
     site_clipping_norm: float = 1.0  # level = "site": L2 bound of each site's whole update
+    # Whether sites answer evaluations. Metrics are not covered by epsilon (they are bounded by the
+    # schedule and the minimum test size); false: no site evaluates, the report has no per-round metrics.
+    evaluation: bool = True
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         reproducible_noise=p.get("reproducible_noise", bool, False),
         level=p.get("level", str, "record", choices=DP_LEVELS),
         site_clipping_norm=p.positive("site_clipping_norm", float, 1.0),
+        evaluation=p.get("evaluation", bool, True),
     )
     p.done()
     a = _Section(doc.get("secure_aggregation", {}), "secure_aggregation", source)

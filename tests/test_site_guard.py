@@ -159,3 +159,16 @@ def test_site_client_refuses_a_crafted_plan_before_loading_or_training(tmp_path:
     with pytest.raises(PlanRefused):
         client.fit([], {PLAN_KEY: crafted, ROUND_KEY: 1})
     assert guard.answered("r") == [] and not (tmp_path / "ledgers").exists() and not audit.path.exists()
+
+
+def test_a_study_that_releases_no_evaluation_is_never_evaluated(tmp_path: Path, study) -> None:
+    quiet = dataclasses.replace(study, privacy=dataclasses.replace(study.privacy, evaluation=False))
+    site = load_site(ROOT / "studies" / "wdbc" / "sites" / "hospital_a.toml")
+    guard = QueryGuard(tmp_path / "g.sqlite", site.name)
+    client = SiteClient(site, None, True, AuditLog(tmp_path / "a.jsonl", site.name), approved=quiet, guard=guard, run="r")
+    honest = TrainingPlan.from_study(quiet).to_json()
+    with pytest.raises(QueryRefused, match="releases no evaluation"):
+        client.evaluate([], {PLAN_KEY: honest, ROUND_KEY: 1})
+    assert guard.answered("r") == []
+    with pytest.raises(PlanRefused):  # and the coordinator cannot switch it back on
+        checked_plan(quiet, _sent(quiet, privacy={"evaluation": True}), "a")

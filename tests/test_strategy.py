@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 from pathlib import Path
 
@@ -411,3 +413,16 @@ def test_krum_picks_an_honest_site(tmp_path: Path) -> None:
     glob, deltas, got = robust(tmp_path, "krum", byzantine_sites=1)
     chosen = [j for j in range(4) if all(np.allclose(got[i], glob[i] + deltas[j][i], atol=1e-6) for i in range(len(glob)))]
     assert len(chosen) == 1
+
+
+def test_a_study_that_releases_no_evaluation_asks_no_site_and_still_closes_the_round(tmp_path: Path) -> None:
+    study = make_study(tmp_path)
+    study = dataclasses.replace(study, privacy=dataclasses.replace(study.privacy, evaluation=False))
+    recorder = RunRecorder(tmp_path / "run", study.task)
+    recorder.set_sites([SiteInfo(node_id=100 + i, name=name, n_train=10, n_test=5, features=["a", "b", "c", "d"], order=i) for i, name in enumerate(SITES)])
+    strategy = build_strategy(study, TrainingPlan.from_study(study, ["a", "b", "c", "d"]), initial_weights(), recorder)
+    manager, _ = registered(range(100, 100 + len(SITES)))
+    assert strategy.configure_evaluate(1, ndarrays_to_parameters(initial_weights()), manager) == []
+    assert [r["round"] for r in recorder.rounds] == [1] and recorder.rounds[0]["evaluate"]["sites"] == {}
+    honest = build_strategy(make_study(tmp_path), TrainingPlan.from_study(make_study(tmp_path), ["a", "b", "c", "d"]), initial_weights(), recorder)
+    assert len(honest.configure_evaluate(1, ndarrays_to_parameters(initial_weights()), manager)) == len(SITES)
