@@ -218,6 +218,8 @@ def handshake_target(grid: Grid, study: StudyConfig) -> Target:
     replies = grid.send_and_receive(_messages(Target(study, dict.fromkeys(nodes, ""), plan, []), "properties", {PLAN_KEY: plan.to_json()}), timeout=120)
     names, features, labels = {}, [], []
     for reply in replies:
+        if reply.has_error():
+            raise AssertionError(f"the honest handshake was refused: {reply.error.reason}")
         props = compat.recorddict_to_getpropertiesres(reply.content).properties
         names[reply.metadata.src_node_id] = str(props["site"])
         features, labels = json.loads(str(props["features"])), json.loads(str(props["labels"]))
