@@ -430,6 +430,13 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         raise ConfigError(f"{source}: duplicate site name(s) {', '.join(duplicates)}; every site needs its own name")
     if study["min_sites"] < 0 or study["min_sites"] > len(sites):
         raise ConfigError(f"{source}: [study] min_sites must be between 0 and the {len(sites)} listed sites")
+    if secure.enabled and study["min_sites"] and study["min_sites"] < len(sites) - secure.max_dropouts:
+        missing = len(sites) - study["min_sites"]
+        raise ConfigError(
+            f"{source}: [study] min_sites = {study['min_sites']} lets a round go on without {missing} site(s), but under secure "
+            f"aggregation every site refuses to unmask more than [secure_aggregation] max_dropouts = {secure.max_dropouts} "
+            f"dropped sites; set max_dropouts = {missing} (or raise min_sites)"
+        )
     if "omics" in doc and not secure_enabled:
         raise ConfigError(f"{source}: [omics] feature selection needs secure_aggregation = true: without it the coordinator would see each site's per-feature statistics")
     return StudyConfig(

@@ -210,7 +210,7 @@ def test_min_sites_larger_than_sites(tmp_path):
 
 
 def test_min_sites_within_range(tmp_path):
-    path = write(tmp_path, GOOD_STUDY.replace("rounds = 3", "rounds = 3\nmin_sites = 1"))
+    path = write(tmp_path, GOOD_STUDY.replace("rounds = 3", "rounds = 3\nmin_sites = 1\nsecure_aggregation = false"))
     study = load_study(path)
     assert study.min_sites == 1 and study.required_sites == 1
 
@@ -327,3 +327,13 @@ def test_round_timeout_is_positive_or_absent() -> None:
     doc["study"]["round_timeout_s"] = -1
     with pytest.raises(ConfigError, match="round_timeout_s"):
         parse_study(doc)
+
+
+def test_min_sites_below_what_secure_aggregation_may_unmask_is_refused(tmp_path) -> None:
+    from shared.config import parse_study
+
+    doc = {"study": {"name": "s", "task": "binary", "model": "logistic", "min_sites": 2}, "sites": [{"name": n, "config": f"{n}.toml"} for n in "abc"]}
+    with pytest.raises(ConfigError, match="set max_dropouts = 1"):
+        parse_study(doc, base_dir=tmp_path)
+    assert parse_study({**doc, "secure_aggregation": {"max_dropouts": 1}}, base_dir=tmp_path).required_sites == 2
+    assert parse_study({**doc, "study": {**doc["study"], "secure_aggregation": False}}, base_dir=tmp_path).required_sites == 2

@@ -174,7 +174,7 @@ def test_fedadam_over_deltas_matches_flowers_fedadam_on_full_weights(tmp_path: P
     ids=["nan", "inf", "shape", "int-dtype", "missing-tensor"],
 )
 def test_bad_update_is_rejected_recorded_and_left_out(tmp_path: Path, bad, reason: str) -> None:
-    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=2)
+    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=2, secure_aggregation=False)
     glob = initial_weights()
     configure(strategy, manager, 1, glob)
     deltas = make_deltas()
@@ -202,7 +202,7 @@ def test_bad_update_is_rejected_recorded_and_left_out(tmp_path: Path, bad, reaso
 
 
 def test_several_bad_updates_in_one_round_each_get_their_reason(tmp_path: Path) -> None:
-    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=1)
+    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=1, secure_aggregation=False)
     glob = initial_weights()
     configure(strategy, manager, 1, glob)
     deltas = make_deltas()
@@ -235,7 +235,7 @@ def test_too_few_valid_updates_abort_the_study_naming_the_sites(tmp_path: Path) 
 
 
 def test_abort_message_includes_sites_that_replied_with_an_error(tmp_path: Path) -> None:
-    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=2)
+    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=2, secure_aggregation=False)
     configure(strategy, manager, 1, initial_weights())
     # beta's ClientApp raised: the grid tap reported it before aggregation
     recorder.observe_reply("train", 1, 101, "Exception ... fedhelix: site 'beta': training diverged in round 1'>")
@@ -260,7 +260,7 @@ def test_failures_of_earlier_rounds_are_not_blamed(tmp_path: Path) -> None:
 
 
 def test_enough_sites_with_min_sites_proceeds(tmp_path: Path) -> None:
-    strategy, _, manager, proxies, _ = setup(tmp_path, min_sites=2)
+    strategy, _, manager, proxies, _ = setup(tmp_path, min_sites=2, secure_aggregation=False)
     glob = initial_weights()
     configure(strategy, manager, 1, glob)
     deltas = make_deltas()
@@ -346,7 +346,7 @@ def test_aggregate_evaluate_records_sites_and_summaries(tmp_path: Path) -> None:
 
 
 def test_update_that_overflows_the_global_dtype_is_rejected(tmp_path: Path) -> None:
-    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=2)
+    strategy, recorder, manager, proxies, _ = setup(tmp_path, min_sites=2, secure_aggregation=False)
     glob = initial_weights()
     configure(strategy, manager, 1, glob)
     deltas = make_deltas()

@@ -31,7 +31,10 @@ def _dp_wdbc(root: Path, tmp_path: Path, budgets: dict[str, float], rounds: int 
         path.write_text(re.sub(r"epsilon_budget = [0-9.]+", f"epsilon_budget = {budget}", text))
     study = base / "study-dp.toml"
     text = study.read_text().replace("rounds = 10", f"rounds = {rounds}").replace("local_steps = 20", "local_steps = 10")
-    study.write_text(text.replace("seed = 42", f"seed = 42\nmin_sites = {min_sites}"))
+    text = text.replace("seed = 42", f"seed = 42\nmin_sites = {min_sites}")
+    if min_sites:  # sites unmask a dropped neighbour only up to max_dropouts
+        text += f"\n[secure_aggregation]\nmax_dropouts = {3 - min_sites}\n"
+    study.write_text(text)
     return study
 
 

@@ -125,7 +125,8 @@ def test_secure_aggregate_equals_plain_fedavg_and_the_server_sees_only_masked_ve
 def test_a_site_failing_mid_round_leaves_the_fedavg_of_the_survivors(root: Path, tmp_path: Path) -> None:
     secure = simulate(tcga_study(root, tmp_path / "drop", max_dropouts=1, broken=("europe",)), tmp_path / "run-drop", progress=False)
     assert secure["status"] == "completed"
-    assert [f["site"] for f in secure["failures"]] == ["europe"] and "diverged" in secure["failures"][0]["reason"]
+    assert [f["site"] for f in secure["failures"]] == ["europe"] and "E120" in secure["failures"][0]["reason"]
+    assert "diverged" in (tmp_path / "run-drop" / "audit" / "europe.errors.log").read_text()  # the line stays at the site
     assert "europe" not in secure["rounds"][0]["fit"]["sites"]
 
     # Plain FedAvg of the four survivors, same seed.
