@@ -100,3 +100,21 @@ def run_fab_as_is(admin_kit: Path, fab: bytes, run_config: Mapping[str, object],
     config = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
     command = [sys.executable, "-c", _RAW_FAB_RUN, str(workdir / "app.fab"), "run", str(app), CONNECTION, "--stream", "--run-config", config]
     return subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=timeout)
+
+
+def site_error_text(site_file: Path) -> str:
+    """The full error lines a node keeps beside its audit log (``SITE.errors.log``; empty when it refused nothing)."""
+    from client.audit import audit_path
+    from shared.errors import site_error_log
+
+    name = load_site(site_file).name
+    path = site_error_log(audit_path(name, site_file), name)
+    return path.read_text(encoding="utf-8") if path.exists() else ""
+
+
+def audit_entries(site_file: Path) -> list[dict]:
+    """Every entry of a node's audit log (``SITE.audit.jsonl`` beside its site file)."""
+    from client.audit import audit_path
+
+    path = audit_path(load_site(site_file).name, site_file)
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]

@@ -5,7 +5,10 @@ evaluations, error-provoking configs and malformed weights to the real ClientApp
 each site of the WDBC DP study. Each attack must come back as sealed refusals only
 (a code and a fixed phrase from every site, no content, none of the site's column
 names), each refusal must be in the site's audit log, and no privacy budget may be
-spent beyond the one fit the schedule allows.
+spent beyond the one fit the schedule allows. Against a secure study the coordinator
+also attacks the SecAgg+ protocol itself: each such attack must be refused by every
+targeted site with E150 for the attack's own reason (the site's full log says which),
+and the only updates that left were masked, one per round of the schedule.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from client.audit import verify
 from client.privacy.ledger import PrivacyLedger
 from shared.config import load_study
 
-from .hostile import ATTACKS, Outcome, plain_fit_for_a_secure_study, run_in_simulation, wdbc_dp_study
+from .hostile import ATTACKS, SECAGG_REASONS, SECURE_ATTACKS, Outcome, run_in_simulation, secagg_reasons_logged, wdbc_dp_study
 
 pytestmark = pytest.mark.e2e
 
@@ -61,13 +64,26 @@ def test_hostile_coordinator_against_a_plain_dp_study(root: Path, tmp_path: Path
 
 def test_hostile_coordinator_against_a_secure_dp_study(root: Path, tmp_path: Path) -> None:
     study = load_study(wdbc_dp_study(root, tmp_path, secure=True))
-    attacks = [a for a in ATTACKS if a.__name__ not in ("repeated_fit",)] + [plain_fit_for_a_secure_study]
-    outcomes = run_in_simulation(study, str(tmp_path / "ledgers"), str(tmp_path / "audit"), attacks)
-    _check(outcomes, [s.name for s in study.sites], tmp_path / "audit")
-    assert set(next(o for o in outcomes if o.name == "plain_fit_for_a_secure_study").codes) == {"E130"}
-    assert not list((tmp_path / "ledgers").glob("*.sqlite")) or all(
-        not PrivacyLedger(p, p.name.split(".")[0]).entries for p in (tmp_path / "ledgers").glob("*.ledger.sqlite")
-    ), "no fit may be answered in the clear"
+    audit = tmp_path / "audit"
+    outcomes = run_in_simulation(study, str(tmp_path / "ledgers"), str(audit), SECURE_ATTACKS)
+    sites = [s.name for s in study.sites]
+    _check(outcomes, sites, audit)
+    by_name = {o.name: o for o in outcomes}
+    assert set(by_name["plain_fit_for_a_secure_study"].codes) == {"E130"}
+    assert set(SECAGG_REASONS) <= set(by_name), "every SecAgg+ attack ran"
+    for name in SECAGG_REASONS:
+        outcome = by_name[name]
+        assert set(outcome.codes) == {"E150"}, (name, outcome.codes)
+        targeted = set(outcome.sites)  # every site, but for the sample of two
+        assert targeted <= set(sites) and len(targeted) == (2 if name == "secagg_setup_two_of_three_sites" else 3), (name, targeted)
+    assert not secagg_reasons_logged(outcomes, lambda site: (audit / f"{site}.errors.log").read_text())
+    for site in sites:
+        # The only fits answered: the honest SecAgg+ part of rounds 1-3 the coordinator drove before each unmask attack.
+        ledger = PrivacyLedger(tmp_path / "ledgers" / f"{site}.ledger.sqlite", site)
+        assert [(e.study, e.round) for e in ledger.entries] == [(study.name, 1), (study.name, 2), (study.name, 3)]
+        ledger.close()
+        updates = [e for e in map(json.loads, (audit / f"{site}.audit.jsonl").read_text().splitlines()) if e["kind"] == "update"]
+        assert [u["round"] for u in updates] == [1, 2, 3] and all(u["masked"] for u in updates), "no update may leave in the clear"
 
 
 def test_sealed_errors_carry_no_site_values(root: Path, tmp_path: Path) -> None:
