@@ -82,7 +82,18 @@ def install(site: str, consortium: str, approvals_file: Path, admin_cert: x509.C
         return fetch
 
     def gated_pull_and_store(**kwargs: Any) -> Any:
-        kwargs["get_fab"] = checking_get_fab(kwargs["get_fab"], kwargs["get_run"])
+        # One answer per run for Flower and the gate alike: the run config the gate checks is the
+        # one the ClientApp gets. A second GetRun could be answered differently by a hostile SuperLink.
+        asked = kwargs["get_run"]
+        answers: dict[int, Any] = {}
+
+        def get_run_once(run_id: int) -> Any:
+            if run_id not in answers:
+                answers[run_id] = asked(run_id)
+            return answers[run_id]
+
+        kwargs["get_run"] = get_run_once
+        kwargs["get_fab"] = checking_get_fab(kwargs["get_fab"], get_run_once)
         kwargs["trusted_entities"] = {"fedhelix": "site approvals"}  # switches Flower's gate on
         return pull_and_store(**kwargs)
 

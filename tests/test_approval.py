@@ -423,6 +423,39 @@ def test_gate_refuses_with_a_fixed_phrase_for_the_server_and_the_full_line_in_th
     assert gate("good", 4) is False and sci.FAB_VERIFICATION_ERROR.reason.startswith("fedhelix: E-APPROVAL ")
 
 
+def test_the_gate_checks_the_very_run_config_the_clientapp_gets(admin, site, real_fab: bytes, monkeypatch) -> None:
+    """A hostile SuperLink answering Flower's GetRun and the gate's differently must not get a ClientApp run."""
+    from flwr.supercore.fab import Fab
+    from flwr.supernode import start_client_internal as sci
+
+    from client import node_gate
+
+    approve(STUDY, site, code_digest_from_fab(real_fab))
+    signed_config = signed(admin, real_fab, expires=expiry_after(24))
+    forged = {k: v for k, v in signed_config.items() if k != ROSTER_KEY}  # e.g. drop the roster
+
+    class Run:
+        def __init__(self, config):
+            self.override_config = config
+
+    answers = iter([Run(forged), Run(signed_config)])  # Flower asks first, then (before the fix) the gate again
+    seen: list[dict] = []
+
+    def pull(**kwargs):  # Flower's order: GetRun for the context, then the FAB (which the gate checks)
+        run = kwargs["get_run"](kwargs["run_id"])
+        fab = kwargs["get_fab"](kwargs["fab_hash"], kwargs["run_id"])
+        seen.append(dict(run.override_config))
+        return sci._verify_fab(fab, kwargs["trusted_entities"])
+
+    monkeypatch.setattr(sci, "_pull_and_store_message", pull)
+    monkeypatch.setattr(sci, "_verify_fab", sci._verify_fab)
+    monkeypatch.setattr(sci, "FAB_VERIFICATION_ERROR", sci.FAB_VERIFICATION_ERROR)
+    node_gate.install("northeast", "demo", approvals_path(site), admin.cert)
+    admitted = sci._pull_and_store_message(get_fab=lambda h, r: Fab(h, real_fab, {}), get_run=lambda r: next(answers), fab_hash="h", run_id=9)
+    assert admitted is False, "the forged config reached the ClientApp while the gate checked the signed one"
+    assert seen == [forged]
+
+
 def test_gate_targets_exist_in_the_installed_flower() -> None:
     from flwr.supernode import start_client_internal as sci
 
