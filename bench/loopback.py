@@ -96,6 +96,7 @@ class Loopback:
 
     workdir: Path
     site_files: list[Path]
+    study: Path  # the study every node agreed to (node config approved-study: these nodes run without the gate)
     fast: bool = True
     auth: bool = True
     procs: list[subprocess.Popen] = field(default_factory=list)
@@ -151,7 +152,7 @@ class Loopback:
     def _start_node(self, index: int, site: Path) -> None:
         name = f"node{index}"
         runtime_port = free_port()
-        node = ["--superlink", f"{HOST}:{self.port}", "--root-certificates", str(self.ca), "--port", str(runtime_port), "--node-config", f"site-config='{site}'"]
+        node = ["--superlink", f"{HOST}:{self.port}", "--root-certificates", str(self.ca), "--port", str(runtime_port), "--node-config", f"site-config='{site}' approved-study='{self.study}'"]
         if self.auth:
             (self.workdir / "keys").mkdir(exist_ok=True)
             private, public = make_node_key(self.workdir / "keys", name)

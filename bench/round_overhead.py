@@ -34,7 +34,7 @@ from bench.results import record  # noqa: E402
 def measure(workdir: Path, fast: bool, rounds: int, secure: bool = False) -> dict:
     """Start a deployment, run the study, return per-round seconds (median after round 1) and the run's wall time."""
     study, sites = write_tiny_study(workdir / "study", rounds, secure=secure)
-    with Loopback(workdir, sites, fast=fast) as deployment:
+    with Loopback(workdir, sites, study, fast=fast) as deployment:
         time.sleep(2)  # nodes connect
         started = time.time()
         done = deployment.run(study, workdir / "runs", timeout=1200)

@@ -12,9 +12,11 @@ fixed phrase, the site's log and audit log keep the whole line.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,9 +36,10 @@ from client.privacy.ledger import LedgerEntry
 from client.query_guard import QueryGuard, QueryRefused, guard_path
 from client.secagg_auth import AUTH_KEY
 from client.secagg_mod import Requirements, make_secaggplus_mod, study_requirements
+from shared.secure_aggregation import ProtocolRefused
 from client.site_data import load_for_plan, resolve_site
 from client.trainer import evaluate, train
-from shared.approval import ROSTER_KEY, decode_roster
+from shared.approval import ATTEMPT_KEY, NONCE_KEY, ROSTER_KEY, decode_roster
 from shared.config import SiteConfig, StudyConfig, load_study
 from shared.contract import SiteData
 from shared.errors import ConfigError, DataContractError, FedhelixError, RequestRefused, error_code, sealed_line, site_error_log
@@ -68,7 +71,7 @@ class SiteClient(NumPyClient):
 
     def __init__(
         self, site: SiteConfig, ledger_dir: str | None = None, simulation: bool = False, audit: AuditLog | None = None,
-        *, approved: StudyConfig | None = None, guard: QueryGuard | None = None, run: str = "local",
+        *, approved: StudyConfig | None = None, guard: QueryGuard | None = None, run: str = "local", attempt: int = 1,
     ) -> None:  # fmt: skip
         self.site = site
         self.ledger_dir = ledger_dir
@@ -77,6 +80,7 @@ class SiteClient(NumPyClient):
         self.approved = approved
         self.guard = guard
         self.run = run
+        self.attempt = attempt
 
     def _plan(self, config: dict) -> TrainingPlan:
         """The approved study's plan, completed with what the coordinator may choose; refused if it asks for more."""
@@ -88,13 +92,13 @@ class SiteClient(NumPyClient):
 
     def _claim(self, plan: TrainingPlan, kind: str, server_round: int = 0) -> None:
         if self.guard is not None:
-            self.guard.claim(self.run, plan.study, kind, server_round, plan.rounds)
+            self.guard.claim(self.run, plan.study, kind, server_round, plan.rounds, self.attempt)
 
     def _setup(self, plan: TrainingPlan, parameters: NDArrays | None = None):
         data = load_for_plan(self.site, plan)
         if self.approved is not None:
             check_labels(plan, list(getattr(data, "labels", (self.site.data.label,))), self.site.name)
-            if plan.features:
+            if parameters is not None:  # a model: with [omics] top_k, never over more omics features than selected
                 check_selected(plan, len(getattr(data, "omics_features", ())), self.site.name)
         model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options, n_outputs=len(getattr(data, "labels", ())) or 1)
         if parameters is not None:
@@ -178,6 +182,8 @@ class SiteClient(NumPyClient):
         stage = config.get(STAGE_KEY)
         if stage not in (None, "stats", "select"):
             raise RequestRefused(f"site '{self.site.name}' refused an unknown stage {stage!r}")
+        if stage in ("stats", "select"):  # statistics of the site's own values: no pooled scaling applies yet
+            plan = dataclasses.replace(plan, normalization={})
         if stage == "select":
             self._claim(plan, "select")
             return self._fit_selection(plan)
@@ -192,19 +198,15 @@ class SiteClient(NumPyClient):
         if plan.privacy.dp and plan.privacy.level == "site":
             self._accept_site_level(plan)
             train(model, data, plan, server_round)
-            delta, clipped = clip_l2(_delta(model, parameters), plan.privacy.site_clipping_norm)
-            metrics = {"site_update_clipped": clipped}  # no train loss: it is not covered by any noise
+            delta, _ = clip_l2(_delta(model, parameters), plan.privacy.site_clipping_norm)
+            metrics = {}  # nothing about the un-noised update leaves in the clear (no loss, no clipping flag)
             weight = 1  # central DP-FedAvg averages sites unweighted: the noise is calibrated to S / n_sites
         elif plan.privacy.dp:
             metrics, delta = self._fit_private(plan, data, model, parameters, server_round)
         else:
             metrics = train(model, data, plan, server_round)
             delta = _delta(model, parameters)
-        if not all(np.isfinite(d).all() for d in delta):
-            raise DataContractError(
-                f"site '{self.site.name}': training diverged in round {server_round} (non-finite update); "
-                "nothing was sent. Fix: lower the study's learning_rate"
-            )
+        _check_finite(delta, self.site.name, server_round)
         norm = l2_norm(delta)
         if plan.secure_aggregation:
             # Clip before SecAgg+ quantises, so Flower's own clipping never bites silently;
@@ -212,7 +214,8 @@ class SiteClient(NumPyClient):
             bound = plan.update_bound
             clipped = sum(int((np.abs(d) > bound).sum()) for d in delta)
             delta = [np.clip(d, -bound, bound) for d in delta]
-            metrics["clipped_coordinates"] = clipped
+            if not (plan.privacy.dp and plan.privacy.level == "site"):  # the noise is added later, by the coordinator
+                metrics["clipped_coordinates"] = clipped
             log.info("site '%s' round %d: masking delta (L2 norm %.4g, %d coordinates clipped to +-%g) from %d examples", self.site.name, server_round, norm, clipped, bound, data.n_train)
         else:
             metrics["update_norm"] = norm
@@ -237,6 +240,7 @@ class SiteClient(NumPyClient):
             ledger.check(plan.study, server_round, dp.step, dp.delta, dp.accountant, budget)
             metrics = train(model, data, plan, server_round, dp=dp)
             delta = _delta(model, parameters)
+            _check_finite(delta, self.site.name, server_round)  # a diverged round sends nothing: nothing to charge
             # Recorded before the update leaves (a crash after this line over-counts, never
             # under-counts), with the budget checked again against what other studies spent meanwhile.
             entry = ledger.record(
@@ -273,6 +277,26 @@ class SiteClient(NumPyClient):
         return loss, data.n_test, metrics
 
 
+def run_identity(context: Context) -> tuple[str, int]:
+    """(run, attempt) the schedule is kept for: the signed run identity deployed, Flower's run id in simulation.
+
+    Only the node's approval gate makes the signed keys trustworthy: it admits each (identity,
+    attempt) once and checks them against the admin's signature of this very run config.
+    """
+    nonce = str(context.run_config.get(NONCE_KEY, "") or "")
+    if not nonce:
+        return str(context.run_id), 1
+    try:
+        return nonce, int(context.run_config.get(ATTEMPT_KEY, 1))
+    except (TypeError, ValueError):
+        raise RequestRefused("refused a run whose attempt number is not a number") from None
+
+
+def _check_finite(delta: NDArrays, site: str, server_round: int) -> None:
+    if not all(np.isfinite(d).all() for d in delta):
+        raise DataContractError(f"site '{site}': training diverged in round {server_round} (non-finite update); nothing was sent. Fix: lower the study's learning_rate")
+
+
 def _round(config: dict) -> int:
     try:
         return int(config[ROUND_KEY])
@@ -280,9 +304,17 @@ def _round(config: dict) -> int:
         raise RequestRefused("refused a request without a valid round number") from None
 
 
+_NAMED = re.compile(r"\S*[./\\'\"`\[\]]\S*")  # file names, paths, quoted values, lists
+
+
 def public_warning(text: str) -> str:
-    """A data warning as it may leave the site: its counts, never the rows or values after the colon."""
-    return text.split(":", 1)[0].strip()
+    """A data warning as it may leave the site: its counts, never rows, values or file names.
+
+    Everything after the first colon (the rows or values it is about) stays at the site,
+    and any token that names something (a file, a path, a quoted value, a list) becomes
+    ``<named>``; the full warning is in the site's log.
+    """
+    return _NAMED.sub("<named>", text.split(":", 1)[0]).strip()
 
 
 def _delta(model, parameters: NDArrays) -> NDArrays:
@@ -352,9 +384,11 @@ def deployed_authentication(ctxt: Context, site: str) -> dict:
     unauthenticated, and the site says so in its log.
     """
     roster = decode_roster(str(ctxt.run_config.get(ROSTER_KEY, "") or "")) if ctxt.run_config.get(ROSTER_KEY) else {}
-    if not roster or AUTH_KEY not in ctxt.node_config:
-        log.warning("site '%s': SecAgg+ public keys are not authenticated (the run carries no roster or the node no key)", site)
+    if AUTH_KEY not in ctxt.node_config:  # a SuperNode started by hand, without `fedhelix node` (benchmarks)
+        log.warning("site '%s': SecAgg+ public keys are not authenticated (the node has no key to sign with)", site)
         return {}
+    if not roster:  # unauthenticated keys would let the coordinator play every neighbour
+        raise ProtocolRefused(f"site '{site}' refused SecAgg+: the signed run carries no roster of node keys; re-provision the admin kit (fedhelix provision writes roster.json)")
     return dict(roster=roster, site=site, signing_key=load_ssh_private_key(Path(str(ctxt.node_config[AUTH_KEY]))))
 
 
@@ -383,11 +417,12 @@ def make_sealing_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCa
             log.error("site '%s' %s (%s message): %s", name, code, msg.metadata.message_type, line, exc_info=not isinstance(err, FedhelixError))
             reply = sealed_line(name, code)
             if audit is not None:
-                with _site_error_log(audit.path, name).open("a", encoding="utf-8") as fh:
-                    fh.write(f"{code} {msg.metadata.message_type} run {msg.metadata.run_id}: {line}\n")
                 try:
+                    with _site_error_log(audit.path, name).open("a", encoding="utf-8") as fh:
+                        fh.write(f"{code} {msg.metadata.message_type} run {msg.metadata.run_id}: {line}\n")
                     audit.append(study=study, server_round=-1, kind="error", metrics={"code": code, "reply": reply})
-                except FedhelixError:
+                except Exception as failure:  # noqa: BLE001 - the reply stays sealed whatever the disk says
+                    log.error("site '%s': could not record error %s: %s", name, code, failure)
                     reply = sealed_line(name, "E180")
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reply), reply_to=msg)
 
@@ -431,7 +466,8 @@ def create_client_app(
         ledgers = ledger_dir or context.node_config.get("ledger-dir")
         site, study, audit = site_of(context)
         guard = QueryGuard(guard_path(audit.path, site.name), site.name)
-        client = SiteClient(site, str(ledgers) if ledgers else None, simulation, audit, approved=study, guard=guard, run=str(context.run_id))
+        run, attempt = run_identity(context)
+        client = SiteClient(site, str(ledgers) if ledgers else None, simulation, audit, approved=study, guard=guard, run=run, attempt=attempt)
         return client.to_client()
 
     authentication = deployed_authentication

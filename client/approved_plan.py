@@ -16,7 +16,8 @@ legitimately contributes is checked against facts the site can verify itself:
 * ``candidates``: the omics features asked about in the selection round.
 
 Where the approved study comes from: a simulation is given the study file by the
-researcher; a deployed node gets the study inside the signed run config, which its
+researcher; a SuperNode started by hand (benchmarks) names it in its own node config
+``approved-study``; a deployed node gets the study inside the signed run config, which its
 approval gate (:mod:`client.node_gate`) has checked against the admin's signature
 and the site's approvals before this code could run, and which is checked here
 once more against the approvals file.
@@ -41,7 +42,10 @@ from shared.errors import RequestRefused
 from shared.paths import resolve_path
 from shared.plan import TrainingPlan
 
+APPROVED_STUDY_KEY = "approved-study"  # node config (set by the site's IT, never the coordinator)
 FROM_COORDINATOR = ("features", "labels", "normalization", "candidates")
+MIN_SCALE = 1e-6  # a pooled scale below this would blow one feature up (and underflows float32 further down)
+MAX_POOLED = 1e30  # float32 stays finite
 
 
 class PlanRefused(RequestRefused):
@@ -54,6 +58,8 @@ def approved_study(context: Context, site: SiteConfig, study: str | Path | Study
         return study
     if study is not None:
         return _study_file(str(resolve_path(str(study))))
+    if APPROVED_STUDY_KEY in context.node_config:  # a SuperNode run by hand, without the gate: its IT names the study
+        return _study_file(str(resolve_path(str(context.node_config[APPROVED_STUDY_KEY]))))
     encoded = str(context.run_config.get(STUDY_B64_KEY, "") or "")
     if SITE_CONFIG_KEY in context.node_config:  # a deployed node: only the signed, approved study counts
         if not encoded:
@@ -87,6 +93,8 @@ def checked_plan(study: StudyConfig, sent_json: str, site: str) -> TrainingPlan:
         features, labels = list(map(str, sent.get("features", []))), list(map(str, sent.get("labels", [])))
     except (ValueError, TypeError):
         raise PlanRefused(f"site '{site}' refused a request whose plan is not a plan") from None
+    if len(set(features)) != len(features) or len(set(labels)) != len(labels):
+        raise PlanRefused(f"site '{site}' refused a feature or label list that names a column twice")
     expected = TrainingPlan.from_study(study, features, labels)
     wanted = json.loads(expected.to_json())
     differ = sorted(k for k in set(wanted) | set(sent) if k not in FROM_COORDINATOR and wanted.get(k) != sent.get(k))
@@ -108,8 +116,9 @@ def _check_normalization(normalization: object, n_features: int, site: str) -> N
     if ok:
         mean, scale = normalization["mean"], normalization["scale"]
         ok = isinstance(mean, list) and isinstance(scale, list) and len(mean) == len(scale) == n_features
-        ok = ok and all(isinstance(v, (int, float)) and math.isfinite(v) for v in mean)
-        ok = ok and all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0 for v in scale)
+        # checked as the float32 the site computes with: 1e-300 would become 0, 1e300 infinity
+        ok = ok and all(isinstance(v, (int, float)) and math.isfinite(v) and abs(v) < MAX_POOLED for v in mean)
+        ok = ok and all(isinstance(v, (int, float)) and math.isfinite(v) and MIN_SCALE <= v < MAX_POOLED for v in scale)
     if not ok:
         raise PlanRefused(f"site '{site}' refused pooled normalisation that is not one finite mean and one positive scale per feature")
 

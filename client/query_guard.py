@@ -9,8 +9,12 @@ study's ``rounds``, and one evaluation per round (the last round's is the final
 model's). Every claim is written to a small SQLite file at the site *before*
 the work starts, so a crash, a restart or a second process cannot reset it.
 
-A run is Flower's run id: a resumed study is a new Flower run, and the node's
-approval gate bounds how many of those one signed study may start.
+A run is the signed run identity (deployment; Flower's run id in a simulation).
+A resumed study is a new *attempt* of the same run (the admin signs each attempt and
+the node's approval gate admits each once, up to the approval's ``resumes``): it may
+answer again only the round that was in progress when the previous attempt stopped,
+once, and the rounds after it. So one approved run answers at most
+``rounds + resumes`` fits and evaluations, whatever the coordinator replays.
 """
 
 from __future__ import annotations
@@ -33,9 +37,9 @@ ONCE_PER_RUN = ("handshake", "stats", "select")
 PER_ROUND = ("fit", "evaluate")
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS queries (
-    run TEXT NOT NULL, kind TEXT NOT NULL, round INTEGER NOT NULL, study TEXT NOT NULL, at TEXT NOT NULL,
-    PRIMARY KEY (run, kind, round)
+CREATE TABLE IF NOT EXISTS answers (
+    run TEXT NOT NULL, attempt INTEGER NOT NULL, kind TEXT NOT NULL, round INTEGER NOT NULL, study TEXT NOT NULL, at TEXT NOT NULL,
+    PRIMARY KEY (run, attempt, kind, round)
 );
 """
 
@@ -57,8 +61,8 @@ class QueryGuard:
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self._db.executescript(SCHEMA)
 
-    def claim(self, run: str, study: str, kind: str, server_round: int, rounds: int) -> None:
-        """Record that this site answers ``kind`` for ``server_round`` of ``run``, or refuse."""
+    def claim(self, run: str, study: str, kind: str, server_round: int, rounds: int, attempt: int = 1) -> None:
+        """Record that this site answers ``kind`` for ``server_round`` of ``run`` (attempt ``attempt``), or refuse."""
         if kind in ONCE_PER_RUN:
             server_round = 0
         elif kind not in PER_ROUND:
@@ -67,22 +71,28 @@ class QueryGuard:
             raise QueryRefused(f"site '{self.site}' refused {kind} for round {server_round} of study '{study}': the approved study has rounds 1..{rounds}")
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            if self._db.execute("SELECT 1 FROM queries WHERE run=? AND kind=? AND round=?", (run, kind, server_round)).fetchone():
+            if self._db.execute("SELECT 1 FROM answers WHERE run=? AND attempt=? AND kind=? AND round=?", (run, attempt, kind, server_round)).fetchone():
                 what = f"a second {kind}" + (f" for round {server_round}" if kind in PER_ROUND else "")
                 raise QueryRefused(f"site '{self.site}' refused {what} of study '{study}' in run {run}: the approved schedule allows one")
-            if kind == "fit":
-                last = self._db.execute("SELECT MAX(round) FROM queries WHERE run=? AND kind='fit'", (run,)).fetchone()[0]
-                if last is not None and server_round <= last:
-                    raise QueryRefused(f"site '{self.site}' refused fit for round {server_round} of study '{study}': it already trained round {last} of this run; rounds only increase")
-            self._db.execute("INSERT INTO queries VALUES (?, ?, ?, ?, ?)", (run, kind, server_round, study, time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+            if kind in PER_ROUND:
+                self._check_order(run, study, kind, server_round, attempt)
+            now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            self._db.execute("INSERT INTO answers VALUES (?, ?, ?, ?, ?, ?)", (run, attempt, kind, server_round, study, now))
             self._db.execute("COMMIT")
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
 
+    def _check_order(self, run: str, study: str, kind: str, server_round: int, attempt: int) -> None:
+        """Rounds only increase within a run; a later attempt may repeat the round the last one stopped at."""
+        last, last_attempt = self._db.execute("SELECT MAX(round), MAX(attempt) FROM answers WHERE run=? AND kind=? AND round=(SELECT MAX(round) FROM answers WHERE run=? AND kind=?)", (run, kind, run, kind)).fetchone()
+        if last is None or server_round > last or (server_round == last and attempt > last_attempt):
+            return
+        raise QueryRefused(f"site '{self.site}' refused {kind} for round {server_round} of study '{study}': it already answered round {last} of this run; rounds only increase")
+
     def answered(self, run: str) -> list[tuple[str, int]]:
         """(kind, round) of every claim in ``run``, in claim order (tests, audits)."""
-        return [(k, r) for k, r in self._db.execute("SELECT kind, round FROM queries WHERE run=? ORDER BY rowid", (run,))]
+        return [(k, r) for k, r in self._db.execute("SELECT kind, round FROM answers WHERE run=? ORDER BY rowid", (run,))]
 
     def close(self) -> None:
         self._db.close()

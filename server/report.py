@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import html
 import io
 import json
@@ -85,6 +87,11 @@ SITE_LEVEL_SCOPE = (
 )
 
 
+def _is_refusal(reason: str) -> bool:
+    """A site's refusal: its sealed codes E130-E160 (plan, schedule, protocol, budget), or a refusal line."""
+    return bool(re.search(r"\bE1[3-6]\d:", reason)) or "refused" in reason
+
+
 def privacy_summary(study: StudyConfig, recorder: RunRecorder) -> dict[str, Any]:
     """Per site: epsilon spent (ledger value after its last round), delta, noise, refusals."""
     summary: dict[str, Any] = {}
@@ -114,7 +121,7 @@ def privacy_summary(study: StudyConfig, recorder: RunRecorder) -> dict[str, Any]
             summary[ref.name] = None
             continue
         trained = [(r["round"], r["fit"]["sites"][ref.name]) for r in recorder.rounds if ref.name in r.get("fit", {}).get("sites", {})]
-        refusals = [f["reason"] for f in recorder.failures if f["site"] == ref.name and "refused" in f["reason"]]
+        refusals = [f["reason"] for f in recorder.failures if f["site"] == ref.name and _is_refusal(f["reason"])]
         last = trained[-1][1] if trained else {}
         summary[ref.name] = {
             "epsilon": last.get("epsilon"),

@@ -71,6 +71,22 @@ class SecAggParams:
         return n_sites * step * self.max_weight / total_examples
 
 
+def consistent_views_hold(shares: int, threshold: int, max_dropouts: int) -> bool:
+    """Whether inconsistent dropout lists cannot unmask one site, by counting (no consistency round).
+
+    To read site V's update a coordinator needs ``threshold`` shares of V's self-mask seed
+    from sites told V is alive, and ``threshold`` shares of the mask key of every neighbour
+    V masked against from sites told that neighbour dropped. V masks against at least
+    ``shares - 1 - max_dropouts`` neighbours, and a site accepts at most ``max_dropouts``
+    dropped nodes per list, so the ``shares`` sites holding shares offer at most
+    ``shares * max_dropouts`` "dropped" declarations where the attack needs
+    ``(shares - 1 - max_dropouts) * threshold``. When that is more than can be offered, no
+    assignment of lists works; otherwise one may (a reviewer built one for 5 sites, 2 dropouts).
+    A site that accepts no dropped node (``max_dropouts = 0``) never reveals a mask key.
+    """
+    return max_dropouts == 0 or (shares - 1 - max_dropouts) * threshold > shares * max_dropouts
+
+
 def derive_params(n_sites: int, max_dropouts: int, update_bound: float, max_weight: int) -> SecAggParams:
     """SecAgg+ parameters for ``n_sites``; a configuration that cannot work is rejected here, before round 1."""
     if n_sites < 3:
@@ -85,6 +101,12 @@ def derive_params(n_sites: int, max_dropouts: int, update_bound: float, max_weig
         raise ConfigError(
             f"max_dropouts = {max_dropouts} is too many for {n_sites} sites: each site shares its keys with {shares} "
             f"neighbours and unmasking needs a majority (> {shares // 2}) of them; allow at most {math.ceil(shares / 2) - 1} dropouts"
+        )
+    if not consistent_views_hold(shares, threshold, max_dropouts):
+        safe = max(m for m in range(max_dropouts) if consistent_views_hold(shares, shares - max(m, 1), m))
+        raise ConfigError(
+            f"max_dropouts = {max_dropouts} is too many for {n_sites} sites: a coordinator that shows sites different dropout "
+            f"lists could collect, from honest sites, both kinds of share needed to unmask one site's update; allow at most {safe}"
         )
     if max_weight <= 0:
         raise ConfigError("max_weight must be positive (the largest site's number of training examples)")

@@ -172,3 +172,21 @@ def test_a_study_that_releases_no_evaluation_is_never_evaluated(tmp_path: Path, 
     assert guard.answered("r") == []
     with pytest.raises(PlanRefused):  # and the coordinator cannot switch it back on
         checked_plan(quiet, _sent(quiet, privacy={"evaluation": True}), "a")
+
+
+def test_a_resumed_attempt_may_repeat_only_the_round_the_last_one_stopped_at(tmp_path: Path) -> None:
+    guard = QueryGuard(tmp_path / "g.sqlite", "a")
+    for r in (1, 2):
+        guard.claim("nonce", "s", "fit", r, 5, attempt=1)
+    guard.claim("nonce", "s", "handshake", 0, 5, attempt=2)  # a new attempt shakes hands again
+    with pytest.raises(QueryRefused, match="rounds only increase"):
+        guard.claim("nonce", "s", "fit", 1, 5, attempt=2)  # replaying an earlier round is refused
+    guard.claim("nonce", "s", "fit", 2, 5, attempt=2)  # the round in progress at the interruption, once more
+    with pytest.raises(QueryRefused, match="second fit"):
+        guard.claim("nonce", "s", "fit", 2, 5, attempt=2)
+    guard.claim("nonce", "s", "fit", 3, 5, attempt=2)
+    with pytest.raises(QueryRefused, match="rounds only increase"):
+        guard.claim("nonce", "s", "fit", 3, 5, attempt=1)  # an older attempt cannot come back
+    guard.claim("nonce", "s", "fit", 3, 5, attempt=3)
+    fits = [r for k, r in guard.answered("nonce") if k == "fit"]
+    assert fits == [1, 2, 2, 3, 3]  # rounds + one per later attempt, never more

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.e2e
 
 def test_two_round_study_runs_through_launchers_and_short_polls(tmp_path: Path) -> None:
     study, sites = write_tiny_study(tmp_path / "study", rounds=2)
-    with Loopback(tmp_path / "deploy", sites, fast=True) as deployment:
+    with Loopback(tmp_path / "deploy", sites, study, fast=True) as deployment:
         done = deployment.run(study, tmp_path / "runs", timeout=300)
         logs = deployment.logs()
     report = json.loads((tmp_path / "runs" / "tiny" / "report.json").read_text())
