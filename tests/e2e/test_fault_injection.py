@@ -13,7 +13,7 @@ in the studies and rounds its plan names. The tests, in order:
   the study ends with exactly the metrics and model of an uninterrupted run;
 * a node sending NaN, Inf and 1000x-norm updates (secure aggregation off): each is
   rejected, the model stays finite and the report names the site;
-* a node restarted mid-study under DP and SecAgg+: it rejoins, and its ledger and
+* a node restarted mid-study under DP: it rejoins, and its ledger and
   audit log agree with what the server received (no double-counted epsilon, no
   missing entry).
 """
@@ -83,7 +83,9 @@ STUDIES = {  # name: (sites, study settings)
     "fault-dropout": (SITES, dict(rounds=1, strategy="fedavg", secure="true", extra=SECAGG)),
     "fault-resume": (THREE, dict(rounds=3, strategy="fedadam", secure="false", extra="")),
     "fault-updates": (THREE, dict(rounds=3, strategy="fedavg", secure="false", extra="min_sites = 2\n[robustness]\nmax_update_norm = 50.0\n")),
-    "fault-restart": (THREE, dict(rounds=4, strategy="fedavg", secure="true", extra=SECAGG + DP)),
+    # Three sites under SecAgg+ tolerate no dropout (shared.secure_aggregation.consistent_views_hold): the restart study is
+    # plain FedAvg of DP updates that goes on with two sites; SecAgg+ dropouts are the five-node test's.
+    "fault-restart": (THREE, dict(rounds=4, strategy="fedavg", secure="false", extra="min_sites = 2\n" + DP)),
 }
 # What the faulty node does, per study and round (see tests/e2e/faults/sitecustomize.py).
 FAULT_PLAN = {
