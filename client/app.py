@@ -392,7 +392,7 @@ def deployed_authentication(ctxt: Context, site: str) -> dict:
     return dict(roster=roster, site=site, signing_key=load_ssh_private_key(Path(str(ctxt.node_config[AUTH_KEY]))))
 
 
-def make_sealing_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCallable], Message]:
+def make_sealing_mod(site_of: SiteOf, site_log: Callable[[Context], tuple[str, AuditLog]] | None = None) -> Callable[[Message, Context, ClientAppCallable], Message]:
     """Seal every error: the coordinator gets a code and a fixed phrase, the site keeps the line.
 
     Flower forwards a ClientApp exception's text to the coordinator, and that text can
@@ -400,6 +400,8 @@ def make_sealing_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCa
     turns any exception into an error reply of its own (:func:`shared.errors.sealed_line`),
     logs the whole line at the site (its log and ``SITE.errors.log`` beside its audit
     log), and records the reply that left in the audit log, like every other reply.
+    ``site_log`` gives the site's name and audit log when ``site_of`` itself fails (e.g. the run's
+    study is refused), so that refusal is logged and audited like any other.
     """
 
     def sealing_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -413,7 +415,10 @@ def make_sealing_mod(site_of: SiteOf) -> Callable[[Message, Context, ClientAppCa
                 site, approved, audit = site_of(ctxt)
                 name, study = site.name, approved.name
             except Exception:  # noqa: BLE001 - the site file or study itself is what failed
-                pass
+                try:
+                    name, audit = site_log(ctxt) if site_log is not None else (name, None)
+                except Exception:  # noqa: BLE001 - not even the site file: the reply says '?'
+                    pass
             log.error("site '%s' %s (%s message): %s", name, code, msg.metadata.message_type, line, exc_info=not isinstance(err, FedhelixError))
             reply = sealed_line(name, code)
             if audit is not None:
@@ -456,6 +461,10 @@ def create_client_app(
     """
     simulation = study is not None
 
+    def site_log(context: Context) -> tuple[str, AuditLog]:
+        site = resolve_site(context, study)
+        return site.name, AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
+
     def site_of(context: Context) -> tuple[SiteConfig, StudyConfig, AuditLog]:
         site = resolve_site(context, study)
         audit = AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
@@ -475,7 +484,8 @@ def create_client_app(
         authentication = simulated_authentication(study)
     elif study is not None:
         authentication = simulated_authentication(load_study(resolve_path(str(study))))
-    return ClientApp(client_fn=client_fn, mods=[make_sealing_mod(site_of), *mods, make_secure_aggregation_mod(site_of, authentication)])
+    sealing = make_sealing_mod(site_of, site_log)
+    return ClientApp(client_fn=client_fn, mods=[sealing, *mods, make_secure_aggregation_mod(site_of, authentication)])
 
 
 app = create_client_app()
