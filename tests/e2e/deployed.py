@@ -118,3 +118,29 @@ def audit_entries(site_file: Path) -> list[dict]:
 
     path = audit_path(load_site(site_file).name, site_file)
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def hazard_study(name: str, rounds: int, local_steps: int) -> str:
+    """The [study] part of a deployed TCGA study: discrete-time hazard model, DP (epsilon 8) and SecAgg+."""
+    return f"""
+[study]
+name = "{name}"
+task = "survival"
+model = "hazard"
+rounds = {rounds}
+strategy = "fedavg"
+local_steps = {local_steps}
+batch_size = 8
+learning_rate = 0.1
+seed = 7
+secure_aggregation = true
+
+[model]
+time_bins = [365, 730, 1095, 1460, 1825, 2555, 3650]
+
+[privacy]
+dp = true
+target_epsilon = 8.0
+delta = 1e-5
+max_grad_norm = 1.0
+"""

@@ -34,33 +34,12 @@ from shared.errors import FedhelixError
 from shared.paths import PROJECT_ROOT
 from shared.pki import CertificateError, load_identity
 
-from .deployed import free_port, ledger_rows, run_fab_as_is, start_node, study_sites, write_site
+from .deployed import free_port, hazard_study, ledger_rows, run_fab_as_is, start_node, study_sites, write_site
 
 pytestmark = pytest.mark.e2e
 
 SITES = ("northeast", "south", "west")
-STUDY = """
-[study]
-name = "deployed-tcga"
-task = "survival"
-model = "hazard"
-rounds = 2
-strategy = "fedavg"
-local_steps = 100
-batch_size = 8
-learning_rate = 0.1
-seed = 7
-secure_aggregation = true
-
-[model]
-time_bins = [365, 730, 1095, 1460, 1825, 2555, 3650]
-
-[privacy]
-dp = true
-target_epsilon = 8.0
-delta = 1e-5
-max_grad_norm = 1.0
-"""
+STUDY = hazard_study("deployed-tcga", rounds=2, local_steps=100)
 
 
 def study_text(sites: tuple[str, ...] = SITES, extra: str = "") -> str:

@@ -35,7 +35,7 @@ from shared.config import load_site
 from shared.errors import FedhelixError
 from shared.paths import PROJECT_ROOT
 
-from .deployed import audit_entries, free_port, ledger_rows, site_error_text, start_node, study_sites, write_site
+from .deployed import audit_entries, free_port, hazard_study, ledger_rows, site_error_text, start_node, study_sites, write_site
 from .hostile import SECAGG_ATTACKS, SECAGG_REASONS, Outcome, plain_fit_for_a_secure_study, plan_dp_off, secagg_reasons_logged
 from .hostile_server.sitecustomize import ATTACKS_ENV, OUT_ENV
 
@@ -45,28 +45,7 @@ SITES = ("northeast", "south", "west")
 HOSTILE_SERVER = Path(__file__).resolve().parent / "hostile_server"
 # Two plan attacks for contrast, then the SecAgg+ protocol attacks (three of which train rounds 1-3 honestly first).
 ATTACKS = [plan_dp_off, plain_fit_for_a_secure_study, *SECAGG_ATTACKS]
-STUDY = """
-[study]
-name = "hostile-tcga"
-task = "survival"
-model = "hazard"
-rounds = 3
-strategy = "fedavg"
-local_steps = 10
-batch_size = 8
-learning_rate = 0.1
-seed = 7
-secure_aggregation = true
-
-[model]
-time_bins = [365, 730, 1095, 1460, 1825, 2555, 3650]
-
-[privacy]
-dp = true
-target_epsilon = 8.0
-delta = 1e-5
-max_grad_norm = 1.0
-"""
+STUDY = hazard_study("hostile-tcga", rounds=3, local_steps=10)
 
 
 @dataclass
