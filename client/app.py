@@ -43,7 +43,7 @@ from shared.approval import ATTEMPT_KEY, NONCE_KEY, ROSTER_KEY, decode_roster
 from shared.config import SiteConfig, StudyConfig, load_study
 from shared.contract import SiteData
 from shared.errors import ConfigError, DataContractError, FedhelixError, RequestRefused, error_code, sealed_line, site_error_log
-from shared.metrics import withhold_small_sample
+from shared.metrics import LOSS_WITHHELD, withhold_small_sample
 from shared.models import build_model
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
 from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
@@ -272,9 +272,11 @@ class SiteClient(NumPyClient):
         self._claim(plan, "evaluate", server_round)
         data, model = self._setup(plan, parameters)
         loss, metrics = evaluate(model, data, plan)
-        metrics = _scalars({"site": self.site.name, **withhold_small_sample(metrics, data.n_test)})
+        released = withhold_small_sample({"loss": loss, **metrics}, data.n_test)
+        loss = released.pop("loss")
+        metrics = _scalars({"site": self.site.name, **released, **({LOSS_WITHHELD: 1} if loss is None else {})})
         self.audit.append(study=plan.study, server_round=server_round, kind="metrics", metrics={"loss": loss, "n": data.n_test, **metrics})
-        return loss, data.n_test, metrics
+        return (0.0 if loss is None else loss), data.n_test, metrics  # Flower needs a number; the flag says it is none
 
 
 def run_identity(context: Context) -> tuple[str, int]:

@@ -33,6 +33,7 @@ from shared.accounting import calibrate_noise
 from shared.config import StudyConfig
 from shared.errors import FedhelixError
 from shared.params import NDArrays, l2_norm
+from shared.metrics import LOSS_WITHHELD
 from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
 
 log = logging.getLogger("fedhelix.server")
@@ -130,9 +131,12 @@ class DeltaAggregationMixin:
         per_site = {}
         for proxy, res in results:
             site = str(res.metrics.get("site", self.recorder.site_name(proxy.node_id)))
-            per_site[site] = {k: v for k, v in res.metrics.items() if k != "site"} | {"loss": float(res.loss), "n": res.num_examples}
+            withheld = bool(res.metrics.get(LOSS_WITHHELD))  # a small test split: the site sent no loss
+            metrics = {k: v for k, v in res.metrics.items() if k not in ("site", LOSS_WITHHELD)}
+            per_site[site] = metrics | {"loss": None if withheld else float(res.loss), "n": res.num_examples}
         self.recorder.record_evaluate(server_round, per_site)
-        return super().aggregate_evaluate(server_round, results, failures)  # type: ignore[misc]
+        with_loss = [(proxy, res) for proxy, res in results if not res.metrics.get(LOSS_WITHHELD)]
+        return super().aggregate_evaluate(server_round, with_loss, failures)  # type: ignore[misc]
 
 
 class SiteLevelDP(DifferentialPrivacyClientSideFixedClipping):

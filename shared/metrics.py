@@ -15,9 +15,11 @@ from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
 # Below this many test rows a site withholds the metrics that are counts in disguise:
-# accuracy, sensitivity and specificity of a small split pin down individual labels.
+# accuracy, sensitivity and specificity of a small split pin down individual labels, and the
+# test loss, RMSE and MAE under weights that predict a constant give the labels' count or mean.
 MIN_TEST_FOR_COUNTS = 20
-COUNT_METRICS = ("accuracy", "sensitivity", "specificity")
+COUNT_METRICS = ("accuracy", "sensitivity", "specificity", "rmse", "mae", "loss")
+LOSS_WITHHELD = "loss_withheld"  # evaluation metric: the site sent no test loss (Flower's loss field is a placeholder)
 
 # The one number each task is judged by, and whether higher is better.
 PRIMARY = {"binary": ("roc_auc", True), "regression": ("rmse", False), "survival": ("c_index", True), "multitask": ("roc_auc", True)}
@@ -101,7 +103,7 @@ def task_metrics(task: str, target: np.ndarray, score: np.ndarray) -> dict[str, 
 
 
 def withhold_small_sample(metrics: dict[str, float | None], n_test: int) -> dict[str, float | None]:
-    """The metrics a site releases: threshold counts are withheld (None) on a test split below MIN_TEST_FOR_COUNTS."""
+    """The metrics a site releases: counts in disguise are withheld (None) on a test split below MIN_TEST_FOR_COUNTS."""
     if n_test >= MIN_TEST_FOR_COUNTS:
         return dict(metrics)
     return {k: (None if k in COUNT_METRICS else v) for k, v in metrics.items()}

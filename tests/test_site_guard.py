@@ -108,9 +108,9 @@ def test_the_schedule_allows_one_answer_of_each_kind(tmp_path: Path) -> None:
 
 
 def test_count_metrics_are_withheld_on_small_test_splits() -> None:
-    metrics = {"accuracy": 0.9, "sensitivity": 1.0, "specificity": 0.5, "roc_auc": 0.8}
+    metrics = {"accuracy": 0.9, "sensitivity": 1.0, "specificity": 0.5, "roc_auc": 0.8, "loss": 0.3, "rmse": 1.0, "mae": 0.5, "c_index": 0.7}
     small = withhold_small_sample(metrics, MIN_TEST_FOR_COUNTS - 1)
-    assert small == {"accuracy": None, "sensitivity": None, "specificity": None, "roc_auc": 0.8}
+    assert small == {"accuracy": None, "sensitivity": None, "specificity": None, "roc_auc": 0.8, "loss": None, "rmse": None, "mae": None, "c_index": 0.7}
     assert withhold_small_sample(metrics, MIN_TEST_FOR_COUNTS) == metrics
 
 
@@ -190,3 +190,28 @@ def test_a_resumed_attempt_may_repeat_only_the_round_the_last_one_stopped_at(tmp
     guard.claim("nonce", "s", "fit", 3, 5, attempt=3)
     fits = [r for k, r in guard.answered("nonce") if k == "fit"]
     assert fits == [1, 2, 2, 3, 3]  # rounds + one per later attempt, never more
+
+
+def test_a_small_test_split_sends_no_loss_and_the_coordinator_leaves_it_out(tmp_path: Path, study) -> None:
+    """With weights predicting a constant, the test loss gives a small split's number of positive labels."""
+    import numpy as np
+
+    from shared.models import build_model
+    from shared.params import get_weights
+
+    site = load_site(ROOT / "studies" / "wdbc" / "sites" / "hospital_a.toml")
+    small = tmp_path / "small.csv"
+    import pandas as pd
+
+    frame = pd.read_csv(ROOT / "data" / "wdbc" / "hospital_a.csv")
+    frame.iloc[:60].to_csv(small, index=False)  # 25% test: 15 rows
+    site = dataclasses.replace(site, data=dataclasses.replace(site.data, path=small), path=tmp_path / "hospital_a.toml")
+    features = [c for c in frame.columns if c not in ("malignant", "patient_id")]
+    plain = dataclasses.replace(study, privacy=dataclasses.replace(study.privacy, dp=False))
+    plan = TrainingPlan.from_study(plain, features, ["malignant"])
+    weights = get_weights(build_model(plain.model, plain.task, len(features), plain.model_options, seed=0))
+    client = SiteClient(site, None, True, AuditLog(tmp_path / "a.jsonl", site.name), approved=plain, guard=QueryGuard(tmp_path / "g.sqlite", site.name), run="r")
+    loss, n, metrics = client.evaluate(weights, {PLAN_KEY: plan.to_json(), ROUND_KEY: 1})
+    assert n < MIN_TEST_FOR_COUNTS and loss == 0.0 and metrics["loss_withheld"] == 1
+    assert not {"accuracy", "sensitivity", "specificity"} & set(metrics) and "roc_auc" in metrics
+    assert np.isfinite(metrics["roc_auc"])

@@ -426,3 +426,19 @@ def test_a_study_that_releases_no_evaluation_asks_no_site_and_still_closes_the_r
     assert [r["round"] for r in recorder.rounds] == [1] and recorder.rounds[0]["evaluate"]["sites"] == {}
     honest = build_strategy(make_study(tmp_path), TrainingPlan.from_study(make_study(tmp_path), ["a", "b", "c", "d"]), initial_weights(), recorder)
     assert len(honest.configure_evaluate(1, ndarrays_to_parameters(initial_weights()), manager)) == len(SITES)
+
+
+def test_a_site_that_withholds_its_loss_is_left_out_of_the_loss_and_recorded_without_one(tmp_path: Path) -> None:
+    strategy, recorder, manager, proxies, _ = setup(tmp_path)
+    configure(strategy, manager, 1, initial_weights())
+    strategy.aggregate_fit(1, [(p, fit_res(d, 10, s, train_loss=0.4)) for p, d, s in zip(proxies, make_deltas(), SITES)], [])
+    results = [
+        (proxies[0], EvaluateRes(status=OK, loss=0.0, num_examples=5, metrics={"site": "alpha", "roc_auc": 0.6, "loss_withheld": 1})),
+        (proxies[1], EvaluateRes(status=OK, loss=0.6, num_examples=10, metrics={"site": "beta", "roc_auc": 0.75})),
+        (proxies[2], EvaluateRes(status=OK, loss=0.9, num_examples=15, metrics={"site": "gamma", "roc_auc": 0.9})),
+    ]
+    loss, _ = strategy.aggregate_evaluate(1, results, [])
+    assert loss == pytest.approx((0.6 * 10 + 0.9 * 15) / 25)  # the placeholder 0.0 does not pull the mean down
+    sites = recorder.rounds[-1]["evaluate"]["sites"]
+    assert sites["alpha"] == {"roc_auc": 0.6, "loss": None, "n": 5}
+    assert recorder.rounds[-1]["evaluate"]["mean"]["loss"] == pytest.approx((0.6 + 0.9) / 2)
