@@ -79,13 +79,16 @@ time_bins = [365, 730, 1095, 1460, 1825, 2555, 3650]
 """
 SECAGG = "\n[secure_aggregation]\nmax_dropouts = 1\ntimeout_s = 90\n"
 DP = "\n[privacy]\ndp = true\ntarget_epsilon = 6.0\ndelta = 1e-5\nmax_grad_norm = 1.0\n"
+RESTART_ROUNDS = 8
 STUDIES = {  # name: (sites, study settings)
     "fault-dropout": (SITES, dict(rounds=1, strategy="fedavg", secure="true", extra=SECAGG)),
     "fault-resume": (THREE, dict(rounds=3, strategy="fedadam", secure="false", extra="")),
     "fault-updates": (THREE, dict(rounds=3, strategy="fedavg", secure="false", extra="min_sites = 2\n[robustness]\nmax_update_norm = 50.0\n")),
     # Three sites under SecAgg+ tolerate no dropout (shared.secure_aggregation.consistent_views_hold): the restart study is
     # plain FedAvg of DP updates that goes on with two sites; SecAgg+ dropouts are the five-node test's.
-    "fault-restart": (THREE, dict(rounds=4, strategy="fedavg", secure="false", extra="min_sites = 2\n" + DP)),
+    # Eight short rounds: without SecAgg+'s extra exchanges a round takes seconds, and the restarted node
+    # needs its old session to expire (two heartbeats) and its launcher to warm up before it can rejoin.
+    "fault-restart": (THREE, dict(rounds=RESTART_ROUNDS, strategy="fedavg", secure="false", extra="min_sites = 2\n" + DP)),
 }
 # What the faulty node does, per study and round (see tests/e2e/faults/sitecustomize.py).
 FAULT_PLAN = {
@@ -288,10 +291,10 @@ def test_node_restarted_mid_study_keeps_its_ledger_and_audit_log_consistent(fede
     # and the hospital restarts it at once: it rejoins the running study.
     submission = run_killing_the_faulty_node(fed, study_name, server_round=2, restart=True)
     report = json.loads((submission.out_dir / "report.json").read_text())
-    assert report["status"] == "completed" and len(report["rounds"]) == 4
+    assert report["status"] == "completed" and len(report["rounds"]) == RESTART_ROUNDS
     assert (2, "train", "dropped") in failures(report, FAULTY)
     received = [r["round"] for r in report["rounds"] if FAULTY in r["fit"]["sites"]]
-    assert 1 in received and 2 not in received and received[-1] == 4  # it rejoined after the restart
+    assert 1 in received and 2 not in received and received[-1] == RESTART_ROUNDS  # it rejoined after the restart
 
     for name in THREE:
         rows = [e for e in ledger_rows(fed.site_file(name)) if e.study == study_name]
