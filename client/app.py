@@ -382,8 +382,9 @@ def simulated_authentication(study: StudyConfig) -> Authentication:
 def deployed_authentication(ctxt: Context, site: str) -> dict:
     """A node signs with its provisioned key; the roster is the one the admin signed into the run.
 
-    A run without a roster (an admin kit provisioned before rosters existed) leaves keys
-    unauthenticated, and the site says so in its log.
+    A signed run without a roster (an admin kit provisioned before rosters existed) is refused:
+    unauthenticated keys would let the coordinator play every neighbour. A SuperNode started
+    by hand without a node key (benchmarks) runs unauthenticated and says so in its log.
     """
     roster = decode_roster(str(ctxt.run_config.get(ROSTER_KEY, "") or "")) if ctxt.run_config.get(ROSTER_KEY) else {}
     if AUTH_KEY not in ctxt.node_config:  # a SuperNode started by hand, without `fedhelix node` (benchmarks)
