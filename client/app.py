@@ -395,7 +395,7 @@ def deployed_authentication(ctxt: Context, site: str) -> dict:
     return dict(roster=roster, site=site, signing_key=load_ssh_private_key(Path(str(ctxt.node_config[AUTH_KEY]))))
 
 
-def make_sealing_mod(site_of: SiteOf, site_log: Callable[[Context], tuple[str, AuditLog]] | None = None) -> Callable[[Message, Context, ClientAppCallable], Message]:
+def make_sealing_mod(site_of: SiteOf, site_log: Callable[[Context], tuple[SiteConfig, AuditLog]] | None = None) -> Callable[[Message, Context, ClientAppCallable], Message]:
     """Seal every error: the coordinator gets a code and a fixed phrase, the site keeps the line.
 
     Flower forwards a ClientApp exception's text to the coordinator, and that text can
@@ -403,7 +403,7 @@ def make_sealing_mod(site_of: SiteOf, site_log: Callable[[Context], tuple[str, A
     turns any exception into an error reply of its own (:func:`shared.errors.sealed_line`),
     logs the whole line at the site (its log and ``SITE.errors.log`` beside its audit
     log), and records the reply that left in the audit log, like every other reply.
-    ``site_log`` gives the site's name and audit log when ``site_of`` itself fails (e.g. the run's
+    ``site_log`` gives the site and its audit log when ``site_of`` itself fails (e.g. the run's
     study is refused), so that refusal is logged and audited like any other.
     """
 
@@ -419,7 +419,9 @@ def make_sealing_mod(site_of: SiteOf, site_log: Callable[[Context], tuple[str, A
                 name, study = site.name, approved.name
             except Exception:  # noqa: BLE001 - the site file or study itself is what failed
                 try:
-                    name, audit = site_log(ctxt) if site_log is not None else (name, None)
+                    if site_log is not None:
+                        site, audit = site_log(ctxt)
+                        name = site.name
                 except Exception:  # noqa: BLE001 - not even the site file: the reply says '?'
                     pass
             log.error("site '%s' %s (%s message): %s", name, code, msg.metadata.message_type, line, exc_info=not isinstance(err, FedhelixError))
@@ -464,13 +466,12 @@ def create_client_app(
     """
     simulation = study is not None
 
-    def site_log(context: Context) -> tuple[str, AuditLog]:
+    def site_log(context: Context) -> tuple[SiteConfig, AuditLog]:
         site = resolve_site(context, study)
-        return site.name, AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
+        return site, AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
 
     def site_of(context: Context) -> tuple[SiteConfig, StudyConfig, AuditLog]:
-        site = resolve_site(context, study)
-        audit = AuditLog(audit_path(site.name, site.path, audit_dir, context.node_config), site.name)
+        site, audit = site_log(context)
         return site, approved_study(context, site, study), audit
 
     def client_fn(context: Context) -> Client:
