@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -144,3 +145,14 @@ target_epsilon = 8.0
 delta = 1e-5
 max_grad_norm = 1.0
 """
+
+
+def stop_nodes(nodes: dict[str, subprocess.Popen]) -> None:
+    """SIGTERM every node, then wait for each (killing one that does not stop within 30 s)."""
+    for proc in nodes.values():
+        proc.send_signal(signal.SIGTERM)
+    for proc in nodes.values():
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()

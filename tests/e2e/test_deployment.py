@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import signal
 import ssl
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from shared.errors import FedhelixError
 from shared.paths import PROJECT_ROOT
 from shared.pki import CertificateError, load_identity
 
-from .deployed import free_port, hazard_study, ledger_rows, run_fab_as_is, start_node, study_sites, write_site
+from .deployed import free_port, hazard_study, ledger_rows, run_fab_as_is, start_node, stop_nodes, study_sites, write_site
 
 pytestmark = pytest.mark.e2e
 
@@ -95,13 +94,7 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
                 nodes[name] = start_node(kits / name, root / "sites" / f"{name}.toml", free_port(), root / f"node-{name}.log")
             yield Consortium(root, kits, server_, gateway_port, study, digest, nodes, signed)
     finally:
-        for proc in nodes.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in nodes.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_nodes(nodes)
         server_.stop()
 
 

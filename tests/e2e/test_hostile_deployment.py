@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from shared.config import load_site
 from shared.errors import FedhelixError
 from shared.paths import PROJECT_ROOT
 
-from .deployed import audit_entries, free_port, hazard_study, ledger_rows, site_error_text, start_node, study_sites, write_site
+from .deployed import audit_entries, free_port, hazard_study, ledger_rows, site_error_text, start_node, stop_nodes, study_sites, write_site
 from .hostile import SECAGG_ATTACKS, SECAGG_REASONS, Outcome, plain_fit_for_a_secure_study, plan_dp_off, secagg_reasons_logged
 from .hostile_server.sitecustomize import ATTACKS_ENV, OUT_ENV
 
@@ -89,13 +88,7 @@ def attacked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacked]:
         assert not (isinstance(raw, dict) and "error" in raw), raw
         yield Attacked(root, [Outcome(**o) for o in raw], str(err.value), seconds)
     finally:
-        for proc in nodes.values():
-            proc.send_signal(signal.SIGTERM)
-        for proc in nodes.values():
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_nodes(nodes)
         server_.stop()
 
 
