@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
-
 from client.cli import approve_command, audit_verify_command, check_site_command, ledger_show_command, node_command
 from server.cli import partition_command, provision_command, run_command, server_command, simulate_command
 from shared.errors import FedhelixError
+from shared.terminal import plain_console, tagged
 
 app = typer.Typer(
     name="fedhelix",
@@ -74,7 +73,7 @@ def main() -> None:
     try:
         app()
     except FedhelixError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err.line}", highlight=False, soft_wrap=True)
+        plain_console(stderr=True).print(tagged("error:", "bold red", err.line))  # the line as written: fixes name [sections]
         sys.exit(2)
 
 
