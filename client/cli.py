@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shared.config import load_site, load_study
@@ -18,7 +19,7 @@ console = plain_console()  # prints file paths, fixes and [sections] as written
 
 def check_site_command(
     site: Annotated[Path, typer.Argument(help="The site file (TOML) describing this hospital's data.")],
-    study: Annotated[Path | None, typer.Option("--study", help="Also check the labels against this study's task and its agreed categorical levels. Without it only the task-independent checks run.")] = None,
+    study: Annotated[Path | None, typer.Option("--study", help=escape("Also check the labels against this study's task and the categorical levels its [data.categories] agrees. Without it only the task-independent checks run."))] = None,
 ) -> None:
     """Check the site's data against the contract, locally; nothing is sent anywhere."""
     config = load_site(site)

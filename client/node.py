@@ -29,6 +29,7 @@ from shared.contract import load_site_data
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import flower_process_env
 from shared.kits import read_kit
+from shared.ports import require_free_port
 from shared.pki import (
     CertificateError,
     check_issued_by,
@@ -140,6 +141,8 @@ def prepare_node(
     load_site_data(site, task)  # the contract, before anything leaves
     approvals = approvals_path(site)
     read_approvals(approvals)  # readable (an unreadable file is an error now, not mid-study)
+    # The SuperNode's Runtime API listens on this loopback port: taken, Flower would end in a traceback.
+    require_free_port("127.0.0.1", port, "another node?", "give this node its own --port")
     if probe:
         probe_server(kit)
     # The site file's [privacy] ledger is the one ledger of this dataset (also what `fedhelix ledger show` reads).
