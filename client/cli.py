@@ -112,7 +112,7 @@ def node_command(
     approved = read_approvals_count(plan.approvals)
     console.print(f"[green]OK[/] kit, certificates, server TLS and site data checked for site '{plan.site.name}'")
     console.print(f"node dials {plan.kit.server_address}; {approved} approved stud{'y' if approved == 1 else 'ies'} in {plan.approvals}; privacy ledger {plan.ledger or 'none (no [privacy] section: DP studies will be refused)'}")
-    console.print(f"  outbound: {plan.kit.server_address} {plan.route.describe()}", markup=False)
+    console.print(f"  outbound: {plan.kit.server_address} {plan.route.describe()}", markup=False, soft_wrap=True)
     raise typer.Exit(run_node(plan))
 
 
