@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,15 +77,25 @@ class RunningProxy:
                 continue
 
 
-def start_proxy(workdir: Path, host: str = "127.0.0.1", deny: Sequence[str] = (), basic_auth: str | None = None, timeout: float = 60) -> RunningProxy:
-    """Start the proxy as its own process on ``host`` and a free port; returns once it listens."""
+def start_proxy(
+    workdir: Path,
+    host: str = "127.0.0.1",
+    deny: Sequence[str] = (),
+    basic_auth: str | None = None,
+    timeout: float = 60,
+    argv: Callable[[list[str]], list[str]] = list,
+) -> RunningProxy:
+    """Start the proxy as its own process on ``host`` and a free port; returns once it listens.
+
+    ``argv`` wraps the command, e.g. ``Host.argv`` of :mod:`tests.e2e.hosts` to run it in a network namespace.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port_file, log_file = workdir / "proxy.port", workdir / "proxy.log"
     port_file.unlink(missing_ok=True)
     command = [sys.executable, "-m", "tests.e2e.connect_proxy", "--listen", f"{host}:0", "--port-file", str(port_file), "--log", str(log_file)]
     command += [arg for target in deny for arg in ("--deny", target)] + (["--basic-auth", basic_auth] if basic_auth else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]))}
-    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=(workdir / "proxy.err").open("ab"))
+    process = subprocess.Popen(argv(command), cwd=PROJECT_ROOT, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=(workdir / "proxy.err").open("ab"))
     deadline = time.monotonic() + timeout
     while not (port_file.exists() and port_file.read_text().strip()):
         if process.poll() is not None or time.monotonic() > deadline:
