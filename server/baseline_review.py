@@ -26,8 +26,8 @@ DP_REFERENCE = " Under DP the constant is fit on the test split instead (the tra
 MEAN_INTERVAL = "The mean over sites has no interval: averaging the ends of the sites' intervals gives no interval of the mean."
 
 
-def _num(value: float) -> str:
-    return f"{value:.3f}" if abs(value) < 100 else f"{value:.4g}"
+def _num(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if abs(value) < 100 else f"{value:.4g}"
 
 
 def _better(model: float | None, baseline: float | None, higher: bool) -> bool | None:
@@ -106,9 +106,9 @@ def _caution(name: str, label: str, entry: dict[str, Any]) -> str | None:
     return None
 
 
-def interval_text(entry: dict[str, Any], resamples: int = BOOTSTRAP_RESAMPLES) -> str:
-    """``[0.61, 0.93] (187/200)``, or why there is none."""
+def interval_text(entry: dict[str, Any], resamples: int = BOOTSTRAP_RESAMPLES, digits: int = 3) -> str:
+    """``[0.610, 0.930] (187/200)``: the interval, and how many resamples had the metric when not all; or why there is none."""
     used = entry.get("ci_resamples")
     if entry.get("ci_low") is None or entry.get("ci_high") is None:
         return "n/a" if used is None else f"n/a ({used}/{resamples} defined)"
-    return f"[{_num(entry['ci_low'])}, {_num(entry['ci_high'])}]" + ("" if used is None or used == resamples else f" ({used}/{resamples})")
+    return f"[{_num(entry['ci_low'], digits)}, {_num(entry['ci_high'], digits)}]" + ("" if used is None or used == resamples else f" ({used}/{resamples})")

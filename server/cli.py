@@ -35,36 +35,58 @@ def simulate_command(
 
 
 def print_summary(report: dict) -> None:
-    """The final per-site table in the terminal, beside the constant predictor, and every site where the model is not better."""
+    """The final per-site table in the terminal, then the primary metric beside the constant predictor's, and every site where the model is not better."""
+    task = report["study"]["task"]
+    primary = report["primary_metric"]
+    metrics = {"binary": ["roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity"], "regression": ["rmse", "mae", "pearson_r"], "survival": ["c_index"], "multitask": ["roc_auc", "pr_auc"]}[task]
+    table = Table(title=f"{report['study']['name']}: final global model on each site's test split")
+    table.add_column("site", no_wrap=True)
+    for header in ["train", "test", *metrics]:
+        table.add_column(SHORT.get(header, header), justify="right")
+    for name, row in report["final"]["sites"].items():
+        table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[_fmt(row.get(m)) for m in metrics])
+    table.add_row("[bold]mean", "", "", *[_fmt(report["final"]["mean"].get(m)) for m in metrics])
+    console.print(table)
+    if report.get("baseline"):  # reports written before baselines have none
+        print_baseline(report["baseline"])
+    best = "higher" if PRIMARY[task][1] else "lower"
+    out = Path(report.get("run_dir", "."))
+    console.print(f"Primary metric: {primary} ({best} is better). Report: [bold]{out / 'report.html'}[/] and report.json")
+
+
+SHORT = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "c_index": "C-index", "rmse": "RMSE", "mae": "MAE", "pearson_r": "r"}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def print_baseline(review: dict) -> None:
+    """Model vs the constant predictor with each site's bootstrap interval; every flag and caution in words."""
     from rich.markup import escape
 
     from server.baseline_review import interval_text
 
-    task = report["study"]["task"]
-    primary = report["primary_metric"]
-    metrics = {"binary": ["roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity"], "regression": ["rmse", "mae", "pearson_r"], "survival": ["c_index"], "multitask": ["roc_auc", "pr_auc"]}[task]
-    short = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "c_index": "C-index", "rmse": "RMSE", "mae": "MAE", "pearson_r": "r"}
-    review = report.get("baseline") or {"sites": {}, "mean": {}, "flags": [], "ci_resamples": 200}  # reports written before baselines
-    table = Table(title=f"{report['study']['name']}: final global model on each site's test split")
+    if not review["sites"]:
+        return
+    verdict = {True: "yes", False: "[bold red]NO[/]", None: "n/a"}
+    binary = any("loss_better" in e for e in review["sites"].values())
+    table = Table(title="against the constant predictor (same test split)")
     table.add_column("site", no_wrap=True)
-    for header in ["train", "test", *metrics, "95% CI", "constant"]:
-        table.add_column(short.get(header, header), justify="right")
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
-    for name, row in report["final"]["sites"].items():
-        judged = review["sites"].get(name, {})
-        table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[fmt(row.get(m)) for m in metrics], interval_text(judged, review["ci_resamples"]), fmt(judged.get("baseline")))
-    table.add_row("[bold]mean", "", "", *[fmt(report["final"]["mean"].get(m)) for m in metrics], "", fmt(review["mean"].get("baseline")))
+    for header in [SHORT.get(review["metric"], review["metric"]), f"{round(review['ci_level'] * 100)}% CI", "const.", "better?", *(["loss", "const."] if binary else [])]:
+        table.add_column(header, justify="right", no_wrap=True)
+    rows = [(escape(name), e, escape(interval_text(e, review["ci_resamples"], digits=2))) for name, e in review["sites"].items()]
+    for name, e, interval in [*rows, ("[bold]mean", review["mean"], "")]:
+        losses = [_fmt(e.get("loss")), _fmt(e.get("baseline_loss"))] if binary else []
+        table.add_row(name, _fmt(e["model"]), interval, _fmt(e["baseline"]), verdict[e["better"]], *losses)
     console.print(table)
-    best = "higher" if PRIMARY[task][1] else "lower"
-    console.print(f"Primary metric: {primary} ({best} is better); 95% CI: bootstrap at each site (resamples with the metric defined, when not all); constant: the constant predictor on the same split.", highlight=False)
     for flag in review["flags"]:
         console.print(f"[bold red]not better than baseline:[/] {escape(flag)}", highlight=False)
     for caution in review.get("cautions", []):
         console.print(f"[yellow]caution:[/] {escape(caution)}", highlight=False)
-    if review["sites"] and not review["flags"]:
+    if not review["flags"]:
         console.print("[green]The final model is better than the constant predictor at every site and on the mean.[/]")
-    out = Path(report.get("run_dir", "."))
-    console.print(f"Report: [bold]{out / 'report.html'}[/] and report.json")
+    console.print("[dim]CI: percentile bootstrap at each site (when not all resamples had the metric defined: how many did); the mean has none.[/]", highlight=False)
 
 
 # --------------------------------------------------------------------------- deployment
