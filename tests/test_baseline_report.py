@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from flwr.common import Code, EvaluateRes, Status
 from rich.console import Console
@@ -14,11 +15,13 @@ from rich.console import Console
 import server.cli
 from client.app import SiteClient
 from client.audit import AuditLog
+from client.graph_trainer import evaluate_graphs
 from client.site_data import load_for_plan
 from server.recorder import RunRecorder, SiteInfo
 from server.report import write_reports
 from server.strategy import build_strategy
-from shared.config import load_site_ref, load_study, parse_study
+from shared.config import load_site, load_site_ref, load_study, parse_study
+from shared.contract import load_site_data
 from shared.models import build_model
 from shared.plan import PLAN_KEY, ROUND_KEY, TrainingPlan
 
@@ -176,3 +179,30 @@ def test_a_small_site_shows_a_wider_interval_than_a_large_one(tmp_path: Path, wd
     small, large = by_size[0], by_size[-1]
     assert small["n_test"] * 2 < large["n_test"]
     assert small["ci_high"] - small["ci_low"] > large["ci_high"] - large["ci_low"]
+
+
+MOLECULES = ["CCO", "CCN", "CCC", "c1ccccc1", "CC(=O)O", "CCCl", "OCCO", "CC(C)O", "c1ccncc1", "CCOC", "CNC", "CCS"]
+
+
+@pytest.mark.parametrize("task", ["binary", "multitask"])
+def test_molecule_evaluation_sends_baselines_and_an_interval(tmp_path: Path, task: str) -> None:
+    rng = np.random.default_rng(0)
+    rows = [(smiles, int(rng.random() < 0.3), int(rng.random() < 0.5) if i % 4 else None) for i, smiles in enumerate(MOLECULES * 5)]
+    pd.DataFrame(rows, columns=["smiles", "a", "b"]).to_csv(tmp_path / "m.csv", index=False)
+    labels = '["a", "b"]' if task == "multitask" else '"a"'
+    (tmp_path / "m.toml").write_text(f'[site]\nname = "lab"\n[data]\npath = "m.csv"\nformat = "smiles"\nlabel = {labels}\ntest_fraction = 0.5\n')
+    study = parse_study({"study": {"name": "mol", "task": task, "model": "gnn"}, "sites": [{"name": "lab", "config": "m.toml"}]}, base_dir=tmp_path)
+    plan = TrainingPlan.from_study(study)
+    data = load_site_data(load_site(tmp_path / "m.toml"), task)
+    model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options, n_outputs=len(data.labels))
+    _, metrics = evaluate_graphs(model, data, plan)
+    assert metrics["baseline_roc_auc"] == 0.5 and metrics["ci_resamples_roc_auc"] > 100
+    assert metrics["ci_low_roc_auc"] <= metrics["roc_auc"] <= metrics["ci_high_roc_auc"]
+    y, y_train = np.asarray(data.y_test, dtype=float), np.asarray(data.y_train, dtype=float)
+    if task == "multitask":  # per task: the test prevalence over the known labels
+        assert metrics["baseline_pr_auc[b]"] == pytest.approx(np.nanmean(y[:, 1])) and metrics["baseline_roc_auc[b]"] == 0.5
+    else:
+        p = y_train.mean()
+        assert metrics["baseline_pr_auc"] == pytest.approx(y.mean())
+        assert metrics["baseline_loss"] == pytest.approx(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
+    assert evaluate_graphs(model, data, plan)[1] == metrics  # seeded: the same interval again
