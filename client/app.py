@@ -38,7 +38,7 @@ from client.secagg_auth import AUTH_KEY
 from client.secagg_mod import Requirements, make_secaggplus_mod, study_requirements
 from shared.secure_aggregation import ProtocolRefused
 from client.site_data import load_for_plan, resolve_site
-from client.trainer import evaluate, train
+from client.trainer import evaluate, train, validation_metrics
 from shared.approval import ATTEMPT_KEY, NONCE_KEY, ROSTER_KEY, decode_roster
 from shared.config import SiteConfig, StudyConfig, load_study
 from shared.contract import SiteData
@@ -51,6 +51,8 @@ from shared.omics import selection_moments
 from shared.paths import resolve_path
 from shared.pki import key_pem, load_ssh_private_key, new_key, openssh_public
 from shared.preprocess import is_indicator, moments
+from shared.validation import carve_validation
+from shared.imbalance import label_moments
 
 log = logging.getLogger("fedhelix.client")
 
@@ -94,8 +96,14 @@ class SiteClient(NumPyClient):
         if self.guard is not None:
             self.guard.claim(self.run, plan.study, kind, server_round, plan.rounds, self.attempt)
 
-    def _setup(self, plan: TrainingPlan, parameters: NDArrays | None = None):
+    def _setup(self, plan: TrainingPlan, parameters: NDArrays | None = None, validation: bool = False):
+        """The site's data (with ``select_best``, train rows less the validation split) and the model.
+
+        ``validation``: the carved validation view instead (its test arrays are the validation rows).
+        """
         data = load_for_plan(self.site, plan)
+        if plan.select_best:
+            data = carve_validation(data, plan.validation_fraction, plan.seed)[1 if validation else 0]
         if self.approved is not None:
             check_labels(plan, list(getattr(data, "labels", (self.site.data.label,))), self.site.name)
             if parameters is not None:  # a model: with [omics] top_k, never over more omics features than selected
@@ -160,6 +168,25 @@ class SiteClient(NumPyClient):
         fix = "rescale the column or raise [secure_aggregation] stats_bound"
         return self._masked_statistics(plan, moments(data.x_train), data.feature_names, data.n_train, "feature statistics", fix)
 
+    def _fit_labels(self, plan: TrainingPlan) -> tuple[NDArrays, int, dict]:
+        """Secure label round: per label, this site's fraction of positive and of known train labels, under SecAgg+.
+
+        Weighted by n_train, the secure sum gives the pooled counts from which the coordinator
+        sets the output bias (pooled log-odds) and a balanced ``pos_weight``; it never sees this site's.
+        """
+        if plan.task not in ("binary", "multitask"):
+            raise ConfigError(f"site '{self.site.name}' refused the label round: study '{plan.study}' is not a binary or multitask study")
+        data, _ = self._setup(plan)
+        labels = list(getattr(data, "labels", (self.site.data.label,)))
+        if plan.labels:  # the agreed order of the tasks
+            order = [labels.index(name) for name in plan.labels]
+            y = np.asarray(data.y_train, dtype=np.float64)
+            data_y = y[:, order] if y.ndim == 2 else y
+            labels = list(plan.labels)
+        else:
+            data_y = np.asarray(data.y_train, dtype=np.float64)
+        return self._masked_statistics(plan, label_moments(data_y), labels, data.n_train, "label fractions", "check the label columns")
+
     def _masked_statistics(self, plan: TrainingPlan, values: np.ndarray, names: list[str], weight: int, what: str, fix: str) -> tuple[NDArrays, int, dict]:
         """The reply of a secure statistics round: bounded (the secure sum must not wrap), audited, then masked by SecAgg+.
 
@@ -180,13 +207,16 @@ class SiteClient(NumPyClient):
     def fit(self, parameters, config):
         plan = self._plan(config)
         stage = config.get(STAGE_KEY)
-        if stage not in (None, "stats", "select"):
+        if stage not in (None, "stats", "select", "labels"):
             raise RequestRefused(f"site '{self.site.name}' refused an unknown stage {stage!r}")
-        if stage in ("stats", "select"):  # statistics of the site's own values: no pooled scaling applies yet
+        if stage in ("stats", "select", "labels"):  # statistics of the site's own values: no pooled scaling applies yet
             plan = dataclasses.replace(plan, normalization={})
         if stage == "select":
             self._claim(plan, "select")
             return self._fit_selection(plan)
+        if stage == "labels":
+            self._claim(plan, "labels")
+            return self._fit_labels(plan)
         if stage == "stats":
             self._claim(plan, "stats")
             data, _ = self._setup(plan)
@@ -272,6 +302,8 @@ class SiteClient(NumPyClient):
         self._claim(plan, "evaluate", server_round)
         data, model = self._setup(plan, parameters)
         loss, metrics = evaluate(model, data, plan)
+        if plan.select_best:  # best-round selection: the same model on the validation rows carved from train
+            metrics |= validation_metrics(model, self._setup(plan, validation=True)[0], plan)
         released = withhold_small_sample({"loss": loss, **metrics}, data.n_test)
         loss = released.pop("loss")
         metrics = _scalars({"site": self.site.name, **released, **({LOSS_WITHHELD: 1} if loss is None else {})})
@@ -355,7 +387,7 @@ def make_secure_aggregation_mod(site_of: SiteOf, authentication: Authentication)
                 raise RequestRefused(f"site '{site.name}' refused SecAgg+ messages for study '{study.name}', which does not use secure aggregation")
             return secaggplus(msg, ctxt, call_next)
         config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
-        if study.secure.enabled or config.get(STAGE_KEY) in ("stats", "select"):
+        if study.secure.enabled or config.get(STAGE_KEY) in ("stats", "select", "labels"):
             raise RequestRefused(f"site '{site.name}' refused: study '{study.name}' requires secure aggregation but this update was requested without SecAgg+")
         return call_next(msg, ctxt)
 

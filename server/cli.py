@@ -40,7 +40,8 @@ def print_summary(report: dict) -> None:
     task = report["study"]["task"]
     primary = report["primary_metric"]
     metrics = {"binary": ["roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity"], "regression": ["rmse", "mae", "pearson_r"], "survival": ["c_index"], "multitask": ["roc_auc", "pr_auc"]}[task]
-    table = Table(title=f"{report['study']['name']}: final global model on each site's test split")
+    chosen = f" (round {report['selected_round']}, best on validation)" if report.get("selected_round") is not None else ""
+    table = Table(title=f"{report['study']['name']}: final global model{chosen} on each site's test split")
     table.add_column("site", no_wrap=True)
     for header in ["train", "test", *metrics]:
         table.add_column(SHORT.get(header, header), justify="right")

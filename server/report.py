@@ -42,7 +42,7 @@ METRIC_LABELS = {
 
 def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], recorder: RunRecorder, *, status: str, error: str | None, has_model: bool) -> dict[str, Any]:
     """Everything known about the run as one JSON-ready dict."""
-    last = recorder.rounds[-1]["evaluate"] if recorder.rounds else {"sites": {}, "mean": {}, "weighted": {}}
+    last = recorder.final_evaluation()  # the selected round's with select_best, else the last round's
     counts = {s.name: {"n_train": s.n_train, "n_test": s.n_test} for s in sites}
     final_sites = {name: {**counts.get(name, {}), **{k: v for k, v in m.items() if k != "n"}} for name, m in last["sites"].items()}
     study_block = {k: v for k, v in asdict(study).items() if k not in ("sites", "path", "model_options", "categories")}
@@ -67,6 +67,7 @@ def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], 
         "rounds": recorder.rounds,
         "failures": recorder.failures,
         "final": final,
+        "selected_round": recorder.selected_round,  # select_best: the round whose model is model.pt and "final"
         "baseline": review(study.task, final, study.privacy.dp),
         "privacy": privacy_summary(study, recorder),
         "model": "model.pt" if has_model else None,
@@ -309,6 +310,8 @@ def render_html(report: dict[str, Any]) -> str:
     failures = _table([[f["round"], f["phase"], f["site"], f.get("kind", "failed"), f["reason"]] for f in report["failures"]], ["round", "phase", "site", "kind", "reason"]) if report["failures"] else "<p>None.</p>"
     status = report["status"]
     banner = f'<p class="status {status}">Status: <b>{html.escape(status)}</b>' + (f" — {html.escape(report['error'])}" if report.get("error") else "") + "</p>"
+    if report.get("selected_round") is not None:  # best-round selection: say which model the final figures describe
+        banner += f"<p>Best-round selection: the model of round {report['selected_round']}, chosen on the sites' validation splits (carved from their training data), is model.pt; the final metrics below are its.</p>"
     settings = _table(list(_flatten({k: v for k, v in study.items() if k != "sites"})), ["setting", "value"])
     if report.get("secure_aggregation_params"):
         secure = "<p>SecAgg+ parameters derived for this study (see docs/secure-aggregation.md):</p>" + _table(

@@ -140,6 +140,14 @@ class StudyConfig:
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     path: Path | None = None
     omics: OmicsSelection | None = None  # federated feature selection (study [omics] section)
+    # Imbalance and scale (binary/multitask): pos_weight of BCE ("balanced" = pooled negatives/positives
+    # per task, or one number), local work in epochs of the site's own train split (0 = local_steps),
+    # the output bias set at the pooled training log-odds, best-round selection on a validation split.
+    pos_weight: str | float | None = None
+    local_epochs: float = 0.0
+    init_output_bias: bool = True
+    select_best: bool = False
+    validation_fraction: float = 0.15
 
     @property
     def required_sites(self) -> int:
@@ -307,6 +315,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         round_timeout_s=s.positive("round_timeout_s", float, None),
     )
     secure_enabled = s.get("secure_aggregation", bool, True)
+    study.update(_imbalance_options(s, task, source))
     if study["proximal_mu"] < 0:
         raise ConfigError(f"{source}: [study] proximal_mu must be >= 0")
     s.done()
@@ -437,6 +446,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
             f"aggregation every site refuses to unmask more than [secure_aggregation] max_dropouts = {secure.max_dropouts} "
             f"dropped sites; set max_dropouts = {missing} (or raise min_sites)"
         )
+    _check_imbalance(study, secure_enabled, privacy, source)
     if "omics" in doc and not secure_enabled:
         raise ConfigError(f"{source}: [omics] feature selection needs secure_aggregation = true: without it the coordinator would see each site's per-feature statistics")
     return StudyConfig(
@@ -449,6 +459,38 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         robustness=robustness,
         omics=_parse_omics(doc["omics"], source) if "omics" in doc else None,
     )
+
+
+def _imbalance_options(s: _Section, task: str, source: str) -> dict[str, Any]:
+    """[study] pos_weight, local_epochs, init_output_bias, select_best, validation_fraction."""
+    pos_weight = s.get("pos_weight", (str, float), None)
+    if isinstance(pos_weight, str) and pos_weight != "balanced":
+        raise ConfigError(f'{source}: [study] pos_weight must be "balanced" or a positive number, got {pos_weight!r}')
+    if isinstance(pos_weight, float) and not 0 < pos_weight < 1e6:
+        raise ConfigError(f"{source}: [study] pos_weight must be a positive number below 1e6, got {pos_weight}")
+    if pos_weight is not None and task not in ("binary", "multitask"):
+        raise ConfigError(f"{source}: [study] pos_weight applies to binary and multitask studies only, not {task}")
+    options = dict(
+        pos_weight=pos_weight,
+        local_epochs=s.get("local_epochs", float, 0.0),
+        init_output_bias=s.get("init_output_bias", bool, True),
+        select_best=s.get("select_best", bool, False),
+        validation_fraction=s.get("validation_fraction", float, 0.15),
+    )
+    if not 0 <= options["local_epochs"] <= 1000:
+        raise ConfigError(f"{source}: [study] local_epochs must be between 0 (use local_steps) and 1000")
+    if not 0 < options["validation_fraction"] < 0.5:
+        raise ConfigError(f"{source}: [study] validation_fraction must be in (0, 0.5)")
+    return options
+
+
+def _check_imbalance(study: dict[str, Any], secure_enabled: bool, privacy: PrivacyConfig, source: str) -> None:
+    if study["pos_weight"] == "balanced" and not secure_enabled:
+        raise ConfigError(f'{source}: [study] pos_weight = "balanced" needs secure aggregation: the pooled label counts travel through the secure sum, never one site\'s')
+    if study["local_epochs"] and privacy.dp:
+        raise ConfigError(f"{source}: [study] local_epochs cannot be used with dp = true (the DP update bound and noise are set from local_steps); give local_steps")
+    if study["select_best"] and not privacy.evaluation:
+        raise ConfigError(f"{source}: [study] select_best needs [privacy] evaluation = true: the best round is chosen on the sites' validation metrics")
 
 
 def load_study(path: str | Path) -> StudyConfig:

@@ -14,7 +14,7 @@ from shared.config import ModelOptions, PrivacyConfig, StudyConfig
 
 PLAN_KEY = "fedhelix.plan"
 ROUND_KEY = "fedhelix.round"
-STAGE_KEY = "fedhelix.stage"  # "stats" / "select" for the secure statistics rounds, absent for training
+STAGE_KEY = "fedhelix.stage"  # "stats" / "select" / "labels" for the secure statistics rounds, absent for training
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,14 @@ class TrainingPlan:
     # candidate omics features, in the study's order, each site reports statistics for.
     selection: dict = field(default_factory=dict)
     candidates: list[str] = field(default_factory=list)
+    # Imbalance and scale: BCE pos_weight per label (the study's number, or with "balanced"
+    # the pooled negatives/positives the label round found; empty = none), local work in
+    # epochs of the site's train split (0 = local_steps), and best-round selection on a
+    # validation split of that many train rows.
+    pos_weight: list[float] = field(default_factory=list)
+    local_epochs: float = 0.0
+    select_best: bool = False
+    validation_fraction: float = 0.15
 
     @classmethod
     def from_study(cls, study: StudyConfig, features: list[str] | None = None, labels: list[str] | None = None) -> TrainingPlan:
@@ -67,6 +75,10 @@ class TrainingPlan:
             update_bound=study.update_bound,
             stats_bound=study.secure.stats_bound,
             selection=asdict(study.omics) if study.omics else {},
+            pos_weight=[float(study.pos_weight)] if isinstance(study.pos_weight, float) else [],
+            local_epochs=study.local_epochs,
+            select_best=study.select_best,
+            validation_fraction=study.validation_fraction,
         )
 
     def to_json(self) -> str:
