@@ -40,6 +40,7 @@ class BestRoundKeeper:
 
     def __init__(self, run_dir: Path, task: str, resume: bool = False) -> None:
         self.path = Path(run_dir) / BEST_FILE
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.metric, self.higher_is_better = PRIMARY[task]
         self.round: int | None = None
         self.value: float | None = None
