@@ -23,7 +23,8 @@ def test_federated_multitask_gnn_with_secure_aggregation_and_dp(root: Path, tmp_
     made = partition(tmp_path / "tox.csv", "scaffold", 3, tmp_path / "study", name="tox-mini")
     assert made.task == "multitask" and made.invalid == 1
     study = made.study
-    text = re.sub(r"(?m)^local_steps = \d+$", "local_steps = 4", re.sub(r"(?m)^rounds = \d+$", "rounds = 2", study.read_text()))
+    # partition writes local_epochs; DP needs a fixed step count (its noise is calibrated to it)
+    text = re.sub(r"(?m)^local_epochs = .*$", "local_steps = 4", re.sub(r"(?m)^rounds = \d+$", "rounds = 2", study.read_text()))
     assert "\nrounds = 2\n" in text and "\nlocal_steps = 4\n" in text  # a recipe change must not make this test slow
     study.write_text(text.replace("hidden = 64", "hidden = 16") + "\n[privacy]\ndp = true\ntarget_epsilon = 8.0\n")
 
@@ -32,6 +33,9 @@ def test_federated_multitask_gnn_with_secure_aggregation_and_dp(root: Path, tmp_
     assert report["status"] == "completed" and [r["round"] for r in report["rounds"]] == [1, 2]
     assert report["secure_aggregation"] is True  # on by default, unchanged for GNN studies
     assert report["primary_metric"] == "roc_auc"
+    # partition's defaults: best-round selection on validation rows carved from training data, whose model is model.pt
+    assert report["selected_round"] in (1, 2) and report["final"]["mean"] == report["rounds"][report["selected_round"] - 1]["evaluate"]["mean"]
+    assert all("val_roc_auc" in m and m["n_val"] > 0 for m in report["rounds"][0]["evaluate"]["sites"].values())
     final = report["final"]["mean"]
     assert 0.0 <= final["roc_auc"] <= 1.0 and final["tasks_scored"] >= 1 
     assert any(k.startswith("roc_auc[") for k in report["final"]["sites"]["company_1"])  # per-task figures
