@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from client.privacy.ledger import PrivacyLedger
+from server.best_round import pooled_validation
 from server.partition import partition
 from server.simulate import simulate
 
@@ -26,6 +27,7 @@ def test_federated_multitask_gnn_with_secure_aggregation_and_dp(root: Path, tmp_
     # partition writes local_epochs; DP needs a fixed step count (its noise is calibrated to it)
     text = re.sub(r"(?m)^local_epochs = .*$", "local_steps = 4", re.sub(r"(?m)^rounds = \d+$", "rounds = 2", study.read_text()))
     assert "\nrounds = 2\n" in text and "\nlocal_steps = 4\n" in text  # a recipe change must not make this test slow
+    text = text.replace("select_best = true", "select_best = true\nvalidation_fraction = 0.4")  # tiny companies: enough validation molecules to score
     study.write_text(text.replace("hidden = 64", "hidden = 16") + "\n[privacy]\ndp = true\ntarget_epsilon = 8.0\n")
 
     report = simulate(study, tmp_path / "run", progress=False)
@@ -52,3 +54,8 @@ def test_federated_multitask_gnn_with_secure_aggregation_and_dp(root: Path, tmp_
             ledger.close()
     saved = torch.load(tmp_path / "run" / "model.pt", weights_only=False)
     assert len(saved["labels"]) == 12 and saved["state_dict"]["out.weight"].shape[0] == 12
+    # best-round selection: the round with the best pooled validation metric (ties: the earlier), and model.pt is its model
+    pooled = [pooled_validation(r["evaluate"]["sites"], "roc_auc") for r in report["rounds"]]
+    assert report["selected_round"] == 1 + max(range(len(pooled)), key=lambda i: (pooled[i] is not None, pooled[i] or 0.0, -i))
+    best = torch.load(tmp_path / "run" / "best-round.pt", weights_only=True)
+    assert best["round"] == report["selected_round"] and all(torch.equal(a, b) for a, b in zip(saved["state_dict"].values(), best["weights"]))
