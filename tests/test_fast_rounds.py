@@ -344,13 +344,14 @@ def test_supernode_wakes_the_launcher_only_after_it_stored_a_message(monkeypatch
 def test_prepare_node_gives_the_supernode_and_its_launcher_one_fresh_wake_name(tmp_path: Path) -> None:
     from bench.round_overhead import write_site_file
     from client.node import prepare_node
+    from tests.e2e.deployed import free_port
     from server.provision import ConsortiumConfig, provision
 
     provision(ConsortiumConfig(name="wake", server_address="127.0.0.1:9", sites=("hospital_a",)), tmp_path / "kits")
     site = write_site_file(tmp_path, "hospital_a")
 
     def wake_names() -> tuple[str, str]:
-        plan = prepare_node(tmp_path / "kits" / "hospital_a", site, probe=False)
+        plan = prepare_node(tmp_path / "kits" / "hospital_a", site, port=free_port(), probe=False)
         assert plan.launcher is not None
         node, launcher = (cmd[cmd.index("--wake-name") + 1] for cmd in (plan.command, plan.launcher))
         assert plan.command.index("--wake-name") < plan.command.index("--")  # ours, not Flower's
@@ -359,7 +360,7 @@ def test_prepare_node_gives_the_supernode_and_its_launcher_one_fresh_wake_name(t
     first, second = wake_names(), wake_names()
     assert first[0] == first[1] and second[0] == second[1]
     assert first[0] != second[0]  # a fresh, unguessable name each start
-    assert "--wake-name" not in prepare_node(tmp_path / "kits" / "hospital_a", site, probe=False, fast=False).command
+    assert "--wake-name" not in prepare_node(tmp_path / "kits" / "hospital_a", site, port=free_port(), probe=False, fast=False).command
 
 
 def test_child_writes_the_bytecode_of_the_modules_it_compiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
