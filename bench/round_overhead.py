@@ -113,11 +113,15 @@ class Consortium:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        stop_nodes(self.nodes)
-        self.nodes.clear()
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the teardown short
+        try:
+            stop_nodes(self.nodes)
+            self.nodes.clear()
+            if self.server is not None:
+                self.server.stop()
+                self.server = None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
 
     def run(self, study: Path, out: Path, timeout_s: float = 1200) -> Submission:
         """``fedhelix run`` of ``study``; stock also runs the ServerApp's stock 3 s loop."""
