@@ -21,6 +21,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import flower_process_env
 from shared.flower_polling import FAST, TASK_POLL_ENV
@@ -140,7 +142,12 @@ class RunningServer:
     flwr_home: Path
 
     def stop(self) -> None:
-        """Stop the gateway, the SuperLink and every process they started (their process groups)."""
+        """Stop the gateway, the SuperLink and every process they started.
+
+        Flower's SuperExec and the ServerApp it runs leave the SuperLink's process group,
+        so they are found through their parent links first and stopped after it.
+        """
+        started = _descendants(self.gateway, self.superlink)
         for proc in (self.gateway, self.superlink):
             _signal_group(proc, signal.SIGTERM)
         for proc in (self.gateway, self.superlink):
@@ -149,6 +156,27 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(proc, signal.SIGKILL)
+        for child in started:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _descendants(*procs: subprocess.Popen) -> list[psutil.Process]:
+    found: list[psutil.Process] = []
+    for proc in procs:
+        try:
+            found += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -277,3 +277,17 @@ def test_expired_server_certificate_is_refused_by_server_and_node(tmp_path: Path
                 pytest.fail("an expired server certificate was accepted")
     finally:
         gateway.kill()
+
+
+def test_stopping_the_server_stops_every_process_it_started(tmp_path: Path) -> None:
+    import psutil
+
+    config = ConsortiumConfig(name="stop", server_address=f"127.0.0.1:{free_port()}", sites=("northeast",), link_port=free_port())
+    provision(config, tmp_path / "kits")
+    running = start_server(tmp_path / "kits" / "server")
+    try:
+        started = [p for proc in (running.superlink, running.gateway) for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert any("superexec" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]  # Flower's, outside the link's group
+    finally:
+        running.stop()
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
