@@ -178,7 +178,12 @@ def partition_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of the split.")] = 0,
     name: Annotated[str | None, typer.Option("--name", help="Study name. Default: the --out directory's name.")] = None,
 ) -> None:
-    """Split a molecule table into simulated companies and write a ready-to-run study."""
+    """Split a molecule table into simulated companies and write a ready-to-run study.
+
+    The study's defaults hold on large, imbalanced sets: mean pooling, 2 local epochs per round,
+    the output bias at the pooled log-odds, and the round best on validation molecules carved from
+    each company's training molecules (select_best).
+    """
     from server.partition import partition
 
     if task is not None and task not in ("binary", "multitask", "regression"):
