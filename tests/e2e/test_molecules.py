@@ -41,7 +41,8 @@ def test_federated_multitask_gnn_with_secure_aggregation_and_dp(root: Path, tmp_
     final = report["final"]["mean"]
     assert 0.0 <= final["roc_auc"] <= 1.0 and final["tasks_scored"] >= 1 
     assert any(k.startswith("roc_auc[") for k in report["final"]["sites"]["company_1"])  # per-task figures
-    assert sum(s["n_train"] + s["n_test"] for s in report["sites"].values()) == 179  # the invalid SMILES skipped
+    n_val = sum(m["n_val"] for m in report["rounds"][0]["evaluate"]["sites"].values())  # carved from train (select_best)
+    assert sum(s["n_train"] + s["n_test"] for s in report["sites"].values()) + n_val == 179  # the invalid SMILES skipped
     # every site clipped its delta to the update bound before masking, and spent DP budget through its ledger
     fit = report["rounds"][-1]["fit"]["sites"]
     assert set(fit) == {"company_1", "company_2", "company_3"} and all("clipped_coordinates" in m and "train_loss" not in m for m in fit.values())
