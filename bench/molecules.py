@@ -40,9 +40,14 @@ DATASETS = {"esol": ("rmse", "esol_rmse"), "bbbp": ("roc_auc", "bbbp_auc"), "tox
 
 
 def with_partition_defaults(study):
-    """The bundled study with the recipe `fedhelix partition` now writes (mean pooling, 2 local epochs, best round)."""
+    """The bundled study with the recipe `fedhelix partition` now writes (mean pooling, local epochs, best round)."""
+    import tomllib
+
+    from server.partition import STUDY_DEFAULTS
+
+    recipe = tomllib.loads(STUDY_DEFAULTS)
     options = dataclasses.replace(study.model_options, pooling="mean")
-    return dataclasses.replace(study, local_epochs=2.0, select_best=True, init_output_bias=True, model_options=options)
+    return dataclasses.replace(study, rounds=recipe["rounds"], local_epochs=float(recipe["local_epochs"]), select_best=recipe["select_best"], init_output_bias=True, model_options=options)
 
 
 def pooled(study):

@@ -43,7 +43,7 @@ from shared.metrics import binary_metrics  # noqa: E402
 from shared.paths import PROJECT_ROOT  # noqa: E402
 
 PATTERN = "S(=O)(=O)N"  # sulfonamide
-OLD_RECIPE = {"local_epochs = 2": "local_steps = 80", 'pooling = "mean"': 'pooling = "add"', "select_best = true": "select_best = false"}
+OLD_RECIPE = {r"(?m)^local_epochs = .*$": "local_steps = 80", r'(?m)^pooling = "mean".*$': 'pooling = "add"', r"(?m)^select_best = true.*$": "select_best = false"}
 
 
 def rare_set(out: Path, label: str, molecules: int, seed: int = 0) -> Path:
@@ -111,7 +111,7 @@ def main() -> None:
     if args.old_defaults:
         old = work / "study" / "old-study.toml"
         for new, before in OLD_RECIPE.items():
-            text = text.replace(new, before)
+            text = re.sub(new, before, text)
         old.write_text(text.replace("seed = 42\n", "seed = 42\ninit_output_bias = false\n"))
         figures[f"{key}_auc_old_defaults"] = round(run(old, work / "run-old")["final"]["mean"]["roc_auc"], 4)
     print(figures, flush=True)

@@ -152,3 +152,21 @@ def test_best_round_keeper_picks_the_best_pooled_validation_round_and_survives_a
         regression.offer(r, {"a": {"val_rmse": v, "n_val": 5}}, [np.zeros(1)])
     assert regression.round == 2
     assert pooled_validation({"a": {"roc_auc": 0.9}}, "roc_auc") is None
+
+
+def test_a_site_answers_the_label_round_with_its_train_fractions_only(root: Path, tmp_path: Path) -> None:
+    from client.app import SiteClient
+    from client.audit import AuditLog
+    from shared.plan import PLAN_KEY, STAGE_KEY
+
+    site = load_site(root / "studies" / "wdbc" / "sites" / "hospital_a.toml")
+    study = parse_study(_study(select_best=True))
+    plan = TrainingPlan.from_study(study, labels=["malignant"])
+    client = SiteClient(site, audit=AuditLog(tmp_path / "a.audit.jsonl", site.name))
+    arrays, weight, _ = client.fit([], {PLAN_KEY: plan.to_json(), STAGE_KEY: "labels"})
+    train_view, _ = carve_validation(load_site_data(site, "binary"), plan.validation_fraction, plan.seed)
+    assert weight == train_view.n_train  # validation rows are not training rows
+    assert arrays[0] == pytest.approx([train_view.y_train.mean(), 1.0])
+    regression = TrainingPlan.from_study(parse_study({**_study(), "study": {"name": "s", "task": "regression", "model": "mlp"}}))
+    with pytest.raises(ConfigError, match="not a binary or multitask"):
+        client.fit([], {PLAN_KEY: regression.to_json(), STAGE_KEY: "labels"})
