@@ -43,7 +43,7 @@ from shared.metrics import binary_metrics  # noqa: E402
 from shared.paths import PROJECT_ROOT  # noqa: E402
 
 PATTERN = "S(=O)(=O)N"  # sulfonamide
-OLD_RECIPE = {r"(?m)^local_epochs = .*$": "local_steps = 80", r'(?m)^pooling = "mean".*$': 'pooling = "add"', r"(?m)^select_best = true.*$": "select_best = false"}
+OLD_RECIPE = {r"(?m)^rounds = .*$": "rounds = 10", r"(?m)^local_epochs = .*$": "local_steps = 80", r'(?m)^pooling = "mean".*$': 'pooling = "add"', r"(?m)^select_best = true.*$": "select_best = false"}
 
 
 def rare_set(out: Path, label: str, molecules: int, seed: int = 0) -> Path:

@@ -26,7 +26,7 @@ METHODS = ("scaffold", "random", "dirichlet")
 # (init_output_bias, on by default), and the round whose model scored best on validation
 # rows carved from each company's training data.
 STUDY_DEFAULTS = (
-    "rounds = 10\nlocal_epochs = 5  # passes over each company's train split per round\nbatch_size = 32\n"
+    "rounds = 20\nlocal_epochs = 5  # passes over each company's train split per round\nbatch_size = 32\n"
     "optimizer = \"adam\"\nlearning_rate = 0.002\nseed = 42\n"
     "select_best = true  # keep the round best on validation rows carved from training data\n"
 )
