@@ -176,6 +176,8 @@ class SiteClient(NumPyClient):
         """
         if plan.task not in ("binary", "multitask"):
             raise ConfigError(f"site '{self.site.name}' refused the label round: study '{plan.study}' is not a binary or multitask study")
+        if self.approved is not None and not (self.approved.init_output_bias or self.approved.pos_weight == "balanced"):
+            raise RequestRefused(f"site '{self.site.name}' refused the label round: the approved study uses no pooled label counts (init_output_bias = false, no balanced pos_weight)")
         data, _ = self._setup(plan)
         labels = list(getattr(data, "labels", (self.site.data.label,)))
         if plan.labels:  # the agreed order of the tasks

@@ -17,7 +17,7 @@ from client.trainer import scaled_steps
 from server.best_round import BestRoundKeeper, pooled_validation
 from shared.config import load_site, parse_study
 from shared.contract import load_site_data
-from shared.errors import ConfigError
+from shared.errors import ConfigError, RequestRefused
 from shared.imbalance import PooledLabels, label_moments, set_output_bias
 from shared.models import build_model
 from shared.config import ModelOptions
@@ -170,3 +170,9 @@ def test_a_site_answers_the_label_round_with_its_train_fractions_only(root: Path
     regression = TrainingPlan.from_study(parse_study({**_study(), "study": {"name": "s", "task": "regression", "model": "mlp"}}))
     with pytest.raises(ConfigError, match="not a binary or multitask"):
         client.fit([], {PLAN_KEY: regression.to_json(), STAGE_KEY: "labels"})
+    # a site whose approved study uses no pooled label counts never sends them
+    no_counts = parse_study(_study(init_output_bias=False))
+    strict = SiteClient(site, audit=AuditLog(tmp_path / "b.audit.jsonl", site.name), approved=no_counts)
+    sent = TrainingPlan.from_study(no_counts, list(load_site_data(site, "binary").feature_names), ["malignant"])
+    with pytest.raises(RequestRefused, match="uses no pooled label counts"):
+        strict.fit([], {PLAN_KEY: sent.to_json(), STAGE_KEY: "labels"})
