@@ -9,6 +9,7 @@ and the approval gate of :mod:`client.node_gate`.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -23,8 +24,8 @@ from pathlib import Path
 from cryptography import x509
 
 from client.secagg_auth import AUTH_KEY
-from client.approval import approvals_path, read_approvals
-from shared.config import SiteConfig, load_site
+from client.approval import Approval, approvals_path, read_approvals
+from shared.config import SiteConfig, check_format, load_site
 from shared.contract import load_site_data
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import flower_process_env
@@ -111,6 +112,28 @@ def probe_server(kit: NodeKit, timeout: float = 10.0) -> None:
         raise FedhelixError(f"cannot reach the server at {kit.server_address} ({err.strerror or err}); check the address and the firewall (outbound TCP {port})") from None
 
 
+def check_site_data(site: SiteConfig, approvals: list[Approval]) -> None:
+    """The site's data against the task, model and categories of every study it approved.
+
+    With no approval that records them yet (none, or records from before they were kept),
+    only the task-independent part of the contract is checked: the node cannot know which
+    task its data will serve, and guessing one refuses data that fits its study.
+    """
+    studies: dict[tuple[str, str, str], str] = {}
+    for a in approvals:
+        if a.task:
+            studies.setdefault((a.task, a.model, json.dumps(a.categories, sort_keys=True)), a.study)
+    if not studies:
+        load_site_data(site, None)
+        return
+    for (task, model, categories), name in studies.items():
+        try:
+            check_format(site, model)
+            load_site_data(site, task, json.loads(categories))
+        except FedhelixError as err:
+            raise type(err)(f"the site's data does not fit approved study '{name}' ({task}, model {model}): {err.line}") from None
+
+
 @dataclass(frozen=True)
 class NodePlan:
     kit: NodeKit
@@ -136,10 +159,8 @@ def prepare_node(
     if site.name != kit.site:
         raise ConfigError(f"site file {site.path} describes site '{site.name}' but the kit {kit.path} belongs to '{kit.site}'")
     check_kit(kit)
-    task = "survival" if site.data.time else "binary"
-    load_site_data(site, task)  # the contract, before anything leaves
     approvals = approvals_path(site)
-    read_approvals(approvals)  # readable (an unreadable file is an error now, not mid-study)
+    check_site_data(site, read_approvals(approvals))  # the contract, before anything leaves (an unreadable approvals file fails here too)
     if probe:
         probe_server(kit)
     # The site file's [privacy] ledger is the one ledger of this dataset (also what `fedhelix ledger show` reads).

@@ -56,3 +56,60 @@ def test_no_rejoin_wait_gives_up_at_once(tmp_path: Path) -> None:
     with pytest.raises(FedhelixError, match="allow-list"):
         run_node(plan(tmp_path, refusals=1, wait_s=0))
     assert starts(tmp_path) == 1
+
+
+# --------------------------------------------------------------------------- the node's data check at start
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from server.provision import ConsortiumConfig, provision
+
+    root = tmp_path_factory.mktemp("kits")
+    provision(ConsortiumConfig(name="c", server_address="127.0.0.1:9", sites=("company_1",)), root / "kits")
+    return root / "kits"
+
+
+def company_site(tmp_path: Path, study: str) -> tuple[Path, Path]:
+    """company_1 of a bundled molecule study, copied (its approvals file is written beside the site file)."""
+    import shutil
+
+    from shared.paths import PROJECT_ROOT
+
+    source = PROJECT_ROOT / "studies" / study
+    target = tmp_path / study
+    target.mkdir()
+    for name in ("study.toml", "company_1.toml", "company_1.csv"):
+        shutil.copy(source / name, target / name)
+    return target / "study.toml", target / "company_1.toml"
+
+
+@pytest.mark.parametrize("study", ["esol", "tox21"])
+def test_a_node_checks_its_data_against_the_task_of_the_study_it_approved(kits: Path, tmp_path: Path, study: str) -> None:
+    from client.approval import approve, read_approvals
+    from client.node import prepare_node
+    from shared.config import load_site
+
+    study_file, site_file = company_site(tmp_path, study)
+    approve(study_file, load_site(site_file), "digest")
+    (record,) = read_approvals(tmp_path / study / "company_1.approvals.json")
+    assert (record.task, record.model) == ({"esol": "regression", "tox21": "multitask"}[study], "gnn")
+    plan = prepare_node(kits / "company_1", site_file, probe=False, fast=False)  # regression / 12 labels: not binary
+    assert plan.site.name == "company_1"
+
+
+def test_a_node_whose_data_does_not_fit_its_approved_study_refuses_to_start_in_one_line(kits: Path, tmp_path: Path) -> None:
+    from client.approval import approve
+    from client.node import prepare_node
+    from shared.config import load_site
+    from shared.errors import DataContractError
+
+    study_file, site_file = company_site(tmp_path, "esol")
+    approve(study_file, load_site(site_file), "digest")
+    binary = tmp_path / "esol" / "binary.toml"  # the site's IT approves a binary study of the same (solubility) table
+    binary.write_text(study_file.read_text().replace('task = "regression"', 'task = "binary"').replace('name = "esol"', 'name = "esol-binary"'))
+    approve(binary, load_site(site_file), "digest")
+    with pytest.raises(DataContractError) as err:
+        prepare_node(kits / "company_1", site_file, probe=False, fast=False)
+    line = err.value.line
+    assert "approved study 'esol-binary' (binary, model gnn)" in line and "label must be 0/1" in line and "\n" not in str(err.value)
