@@ -103,14 +103,16 @@ def node_command(
     port: Annotated[int, typer.Option("--port", help="Local port of the node's own Runtime API (loopback; distinct per node on one host).")] = 9094,
     stock: Annotated[bool, typer.Option("--stock", help="Run Flower's stock SuperNode (fresh ClientApp process per message, 3 s polls) instead of the warm launcher with short polls.")] = False,
     rejoin_wait: Annotated[float | None, typer.Option("--rejoin-wait", help="Seconds to keep retrying when the server does not activate this node: after a crash it keeps the old session online for up to a minute. Default 75; 0 = give up at once.")] = None,
+    proxy: Annotated[str | None, typer.Option("--proxy", help="Outbound HTTP proxy (http://[USER:PASSWORD@]HOST:PORT) to reach the server through with CONNECT; TLS stays end to end. Default: https_proxy / HTTPS_PROXY unless NO_PROXY names the server.")] = None,
 ) -> None:
     """Hospital IT: check everything locally, then run this site's node (outbound TLS to the server only)."""
     from client.node import REJOIN_WAIT_S, prepare_node, run_node
 
-    plan = prepare_node(kit, site, port=port, fast=not stock, rejoin_wait_s=REJOIN_WAIT_S if rejoin_wait is None else rejoin_wait)
+    plan = prepare_node(kit, site, port=port, fast=not stock, rejoin_wait_s=REJOIN_WAIT_S if rejoin_wait is None else rejoin_wait, proxy=proxy)
     approved = read_approvals_count(plan.approvals)
     console.print(f"[green]OK[/] kit, certificates, server TLS and site data checked for site '{plan.site.name}'")
     console.print(f"node dials {plan.kit.server_address}; {approved} approved stud{'y' if approved == 1 else 'ies'} in {plan.approvals}; privacy ledger {plan.ledger or 'none (no [privacy] section: DP studies will be refused)'}")
+    console.print(f"  outbound: {plan.kit.server_address} {plan.route.describe()}", markup=False, soft_wrap=True)
     raise typer.Exit(run_node(plan))
 
 
