@@ -15,12 +15,15 @@ path is ``test_deployment``'s): every study is ``FEDHELIX_ALL_STUDIES=1``, about
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bench.deployed_studies import Case, Consortium, compare, consortium, run_order, simulated, site_name, stage
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench.deployed_studies import Case, Consortium, compare, consortium, run_order, simulated, site_name, stage  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
