@@ -20,6 +20,7 @@ Records ``deployed_studies_passing`` / ``deployed_studies_total`` (and the wall 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -249,6 +250,7 @@ def main(only: list[str]) -> None:
     passing, lines = 0, []
     with tempfile.TemporaryDirectory(prefix="deployed-studies-") as tmp:
         root = Path(tmp)
+        os.environ.setdefault("FLWR_HOME", str(root / "flwr-home"))  # the simulations' Flower home, not the user's
         cases = [c for c in stage(root) if not only or any(o in c.id for o in only)]
         with consortium(root, cases) as c:
             for case in cases:
