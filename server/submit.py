@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.admin_tunnel import AdminKit, control_home, load_admin_kit  # noqa: F401 - AdminKit, load_admin_kit: re-exported
 from server.checkpoint import load_checkpoint
-from server.deployment import CONNECTION, flower_env, flwr_home_for
+from server.deployment import CONNECTION, flower_env
 from shared.approval import (
     DEFAULT_VALID_HOURS,
     RunManifest,
@@ -39,21 +40,8 @@ from shared.approval import (
 )
 from shared.config import load_study
 from shared.errors import ConfigError, FedhelixError
-from shared.kits import read_kit
 from shared.paths import PROJECT_ROOT
-from shared.pki import check_issued_by, check_validity, load_certificate, load_identity
-
-
-@dataclass(frozen=True)
-class AdminKit:
-    path: Path
-    consortium: str
-    control_address: str
-
-
-def load_admin_kit(path: Path) -> AdminKit:
-    path, a = read_kit(path, "admin.toml", "admin", ("consortium", "control_address"))
-    return AdminKit(path, str(a["consortium"]), str(a["control_address"]))
+from shared.pki import check_issued_by, check_owner_only, check_validity, load_certificate, load_identity
 
 
 log = logging.getLogger("fedhelix.admin")
@@ -135,7 +123,8 @@ def submit_study(
     """Sign and submit; streams Flower's log lines to ``on_line``; returns when the run ends.
 
     ``resume``: an interrupted run directory of this study; the ServerApp continues it from its
-    last checkpointed round (the admin runs this on the server host, beside the run directories).
+    last checkpointed round (the run directory is where the ServerApp writes, on the server host;
+    the admin's machine sees it there or through a shared path).
     ``retry``: a run directory of this study that failed before any checkpoint; it starts again
     from round 1. Both re-sign the run's identity with the next attempt number.
     ``valid_hours``: the sites admit the signed run until this many hours from now.
@@ -146,6 +135,7 @@ def submit_study(
         raise ConfigError(f"--valid-hours must be more than 0 and at most {MAX_VALID_HOURS:g} (got {valid_hours:g})")
     kit = load_admin_kit(kit_path)
     study = load_study(study_path)  # a broken study file fails here, not at the sites
+    check_owner_only(kit.path / "admin.key", "admin key")
     admin = load_identity(kit.path / "admin.crt", kit.path / "admin.key")
     ca = load_certificate(kit.path / "ca.crt")
     check_issued_by(admin.cert, ca, f"admin certificate {kit.path / 'admin.crt'}")
@@ -191,9 +181,8 @@ def submit_study(
         if note:
             on_line(note)
         on_line(f"study '{study.name}': signed as run identity {identity.nonce}, attempt {identity.attempt}, valid until {expires}")
-    with tempfile.TemporaryDirectory(prefix="fedhelix-app-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedhelix-app-") as tmp, control_home(kit, Path(tmp)) as home:
         app = stage_app(fab, Path(tmp) / "app")
-        home = flwr_home_for(kit.path / "ca.crt", kit.control_address, Path(tmp) / "flwr-home")
         command = [
             str(Path(sys.executable).parent / "flwr"), "run", str(app), CONNECTION, "--stream",
             "--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items()),
@@ -209,7 +198,7 @@ def submit_study(
                 on_line(line.rstrip("\n"))
         code = proc.wait(timeout=timeout_s)
     if code != 0:
-        raise FedhelixError(f"submitting study '{study.name}' to {kit.control_address} failed (flwr exit code {code}); see the lines above")
+        raise FedhelixError(f"submitting study '{study.name}' to {kit.address} failed (flwr exit code {code}); see the lines above")
     # `flwr run --stream` exits 0 even when the ServerApp failed: the report is the verdict.
     report_path = run_dir / "report.json"
     if not report_path.exists():
