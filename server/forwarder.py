@@ -92,7 +92,7 @@ def uvicorn_server(app: Starlette, context: ssl.SSLContext, host: str = "127.0.0
     import uvicorn
 
     factory: Callable[..., ssl.SSLContext] = lambda _config, _default: context  # noqa: E731
-    config = uvicorn.Config(app, host=host, port=port, ssl_context_factory=factory, log_level="warning", log_config=None, access_log=False, lifespan="on")
+    config = uvicorn.Config(app, host=host, port=port, ssl_context_factory=factory, log_level="warning", log_config=None, access_log=False, lifespan="on", ws="none")
     return uvicorn.Server(config)
 
 
