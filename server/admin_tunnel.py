@@ -12,7 +12,10 @@ directly, as before.
 from __future__ import annotations
 
 import contextlib
+import json
 import ssl
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ from pathlib import Path
 import httpx
 
 from server.admin_listener import CONTROL
-from server.deployment import flwr_home_for
+from server.deployment import CONNECTION, flower_env, flwr_home_for
 from server.forwarder import create_forwarder, server_context, serving_in_background
 from shared.errors import ConfigError, FedhelixError
 from shared.kits import read_kit
@@ -94,3 +97,18 @@ def control_home(kit: AdminKit, workdir: Path | None = None) -> Iterator[Path]:
             return
         address, trusted = stack.enter_context(admin_tunnel(kit, workdir))
         yield flwr_home_for(trusted, address, workdir / "flwr-home")
+
+
+def flwr_json(home: Path, args: list[str], what: str, address: str) -> dict:
+    """One ``flwr ... --format json`` call through the admin's connection, or one clear line."""
+    command = [str(Path(sys.executable).parent / "flwr"), *args, CONNECTION, "--format", "json"]
+    done = subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=120)
+    try:
+        doc = json.loads(done.stdout)
+    except ValueError:
+        doc = {}
+    if done.returncode != 0 or not doc.get("success", False):
+        lines = (str(doc.get("error-message", "")) or done.stdout + done.stderr).strip().splitlines()
+        detail = lines[-1] if lines else f"flwr exit code {done.returncode}"
+        raise FedhelixError(f"{what} from {address} failed: {detail}")
+    return doc

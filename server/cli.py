@@ -131,6 +131,8 @@ def run_command(
             console.print(f"[dim]{line}[/]", highlight=False)
 
     submission = submit_study(study, kit, out, on_line=show, resume=resume, retry=retry, valid_hours=valid_hours)  # raises with the report's reason unless completed
+    if not submission.report_here:
+        return  # the report stays on the server host; `show` printed where
     report = json.loads((submission.out_dir / "report.json").read_text())
     print_summary(report)
 

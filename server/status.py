@@ -8,15 +8,11 @@ newest run directory visible on this machine (its last round's mean metrics).
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.admin_tunnel import AdminKit, control_home, load_admin_kit
-from server.deployment import CONNECTION, flower_env
+from server.admin_tunnel import AdminKit, control_home, flwr_json, load_admin_kit
 from server.submit import load_roster
-from shared.errors import FedhelixError
 
 
 @dataclass(frozen=True)
@@ -40,21 +36,6 @@ class ConsortiumStatus:
     @property
     def online(self) -> int:
         return sum(1 for node in self.nodes if node.get("status") == "online")
-
-
-def flwr_json(home: Path, args: list[str], what: str, address: str) -> dict:
-    """One ``flwr ... --format json`` call through the admin's connection, or one clear line."""
-    command = [str(Path(sys.executable).parent / "flwr"), *args, CONNECTION, "--format", "json"]
-    done = subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=120)
-    try:
-        doc = json.loads(done.stdout)
-    except ValueError:
-        doc = {}
-    if done.returncode != 0 or not doc.get("success", False):
-        lines = (str(doc.get("error-message", "")) or done.stdout + done.stderr).strip().splitlines()
-        detail = lines[-1] if lines else f"flwr exit code {done.returncode}"
-        raise FedhelixError(f"{what} from {address} failed: {detail}")
-    return doc
 
 
 def newest_local_run(runs_dir: Path) -> LocalRun | None:

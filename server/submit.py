@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.admin_tunnel import AdminKit, control_home, load_admin_kit  # noqa: F401 - AdminKit, load_admin_kit: re-exported
-from server.checkpoint import load_checkpoint
+from server.admin_tunnel import AdminKit, control_home, flwr_json, load_admin_kit  # noqa: F401 - AdminKit, load_admin_kit: re-exported
+from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from server.deployment import CONNECTION, flower_env
 from shared.approval import (
     DEFAULT_VALID_HOURS,
@@ -99,6 +99,7 @@ class Submission:
     out_dir: Path
     manifest: RunManifest
     returncode: int
+    report_here: bool = True  # False: the admin is off the server host and the run directory is there only
 
 
 def stage_app(fab: bytes, into: Path) -> Path:
@@ -146,8 +147,11 @@ def submit_study(
     note = None
     if resume is not None:
         run_dir = Path(resume).resolve()
-        done = load_checkpoint(run_dir, study)  # no checkpoint, or another study's: one line, before anything is sent
-        note = f"resuming study '{study.name}' after round {done.round} of {study.rounds} from {run_dir}"
+        if (run_dir / CHECKPOINT_FILE).exists() or kit.admin_address is None:
+            done = load_checkpoint(run_dir, study)  # no checkpoint, or another study's: one line, before anything is sent
+            note = f"resuming study '{study.name}' after round {done.round} of {study.rounds} from {run_dir}"
+        else:  # an admin off the server host: the checkpoint is there, and the ServerApp checks it before any site is asked
+            note = f"resuming study '{study.name}' from {run_dir} on the server host (its checkpoint is checked there)"
     elif retry is not None:
         run_dir = Path(retry).resolve()
         if run_dir.name != study.name:
@@ -197,10 +201,20 @@ def submit_study(
             if on_line is not None:
                 on_line(line.rstrip("\n"))
         code = proc.wait(timeout=timeout_s)
+        remote_status = None  # the run's status on the server, when its report is not visible on this machine
+        if code == 0 and not (run_dir / "report.json").exists() and run_id is not None and kit.admin_address is not None:
+            runs = flwr_json(home, ["ls", "--run-id", str(run_id)], f"reading the status of run {run_id}", kit.address).get("runs", [])
+            remote_status = str(runs[0].get("status", "unknown")) if runs else "unknown"
     if code != 0:
         raise FedhelixError(f"submitting study '{study.name}' to {kit.address} failed (flwr exit code {code}); see the lines above")
     # `flwr run --stream` exits 0 even when the ServerApp failed: the report is the verdict.
     report_path = run_dir / "report.json"
+    if not report_path.exists() and remote_status == "finished:completed":
+        if on_line is not None:
+            on_line(f"study '{study.name}' completed (run {run_id}); report.json, report.html and model.pt are on the server host in {run_dir}")
+        return Submission(run_id, run_dir, manifest, code, report_here=False)
+    if not report_path.exists() and remote_status is not None:
+        raise FedhelixError(f"study '{study.name}' ended {remote_status} (run {run_id}); its report is on the server host in {run_dir}")
     if not report_path.exists():
         raise FedhelixError(f"study '{study.name}' ended without a report in {report_path.parent}; see the server's superlink.log")
     report = json.loads(report_path.read_text())

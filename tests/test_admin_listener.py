@@ -271,3 +271,17 @@ def test_provision_points_the_admin_at_the_listener_and_names_it_in_the_certific
     assert default.admin_endpoint == "fl.example.org:9095"
     with pytest.raises(ConfigError, match="admin_address port \\(8000\\) must differ"):
         parse_consortium({"consortium": {"name": "d", "server_address": "h:8000", "sites": ["a"], "admin_address": "h:8000"}})
+
+
+def test_an_admin_kit_from_before_the_listener_still_dials_the_loopback_link(tmp_path: Path) -> None:
+    from server.admin_tunnel import control_home
+
+    (tmp_path / "admin.toml").write_text('[admin]\nconsortium = "adm"\ncontrol_address = "127.0.0.1:9093"\n')
+    kit = load_admin_kit(tmp_path)
+    assert (kit.admin_address, kit.address) == (None, "127.0.0.1:9093")
+    with control_home(kit, tmp_path / "work") as home:
+        config = (home / "config.toml").read_text()
+    assert 'address = "127.0.0.1:9093"' in config and str(tmp_path / "ca.crt") in config  # no tunnel: the CA-verified link
+    (tmp_path / "admin.toml").write_text('[admin]\nconsortium = "adm"\n')
+    with pytest.raises(ConfigError, match="admin_address is missing"):
+        load_admin_kit(tmp_path)
