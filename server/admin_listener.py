@@ -15,6 +15,7 @@ import ssl
 from pathlib import Path
 
 import httpx
+from starlette.applications import Starlette
 
 from server.forwarder import Listener, PathRule, create_forwarder
 from shared.pki import check_issued_by, check_validity, load_certificate
@@ -42,7 +43,7 @@ def admin_context(cert_file: Path, key_file: Path, admin_cert: Path, ca_file: Pa
     return context
 
 
-def create_admin_app(upstream: str, ca_file: Path | None, transport: httpx.AsyncBaseTransport | None = None) -> object:
+def create_admin_app(upstream: str, ca_file: Path | None, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """Forwards the Control API to the SuperLink; a run's log stream may stay quiet for long (no read timeout)."""
     verify = str(ca_file) if ca_file else True
     return create_forwarder(upstream, CONTROL, verify, timeout=httpx.Timeout(60.0, read=None), transport=transport, name="admin listener")
@@ -50,4 +51,4 @@ def create_admin_app(upstream: str, ca_file: Path | None, transport: httpx.Async
 
 def admin_listener(host: str, port: int, upstream: str, ca_file: Path, cert_file: Path, key_file: Path, admin_cert: Path) -> Listener:
     """The admin listener as one of the gateway process's listeners (:func:`server.gateway.serve_listeners`)."""
-    return Listener(host, port, create_admin_app(upstream, ca_file), admin_context(cert_file, key_file, admin_cert, ca_file))  # type: ignore[arg-type]
+    return Listener(host, port, create_admin_app(upstream, ca_file), admin_context(cert_file, key_file, admin_cert, ca_file))

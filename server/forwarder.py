@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 import httpx
+import uvicorn
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -77,7 +78,16 @@ def create_forwarder(
             log.error("%s: upstream %s unreachable for %s: %s", name, upstream, path, err)
             return JSONResponse({"detail": f"fedhelix {name}: the server behind this address is not answering"}, status_code=502)
         reply_headers = {k: v for k, v in reply.headers.items() if k.lower() not in HOP_BY_HOP}
-        return StreamingResponse(reply.aiter_raw(), status_code=reply.status_code, headers=reply_headers, background=BackgroundTask(reply.aclose))
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in reply.aiter_raw():
+                    yield chunk
+            except httpx.HTTPError as err:  # upstream gone mid-stream: one line, and the client's connection is cut
+                log.error("%s: upstream %s broke off %s: %s", name, upstream, path, err or type(err).__name__)
+                raise
+
+        return StreamingResponse(body(), status_code=reply.status_code, headers=reply_headers, background=BackgroundTask(reply.aclose))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -87,12 +97,10 @@ def create_forwarder(
     return Starlette(routes=[Route("/{path:path}", forward, methods=METHODS)], lifespan=lifespan)
 
 
-def uvicorn_server(app: Starlette, context: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0) -> object:
+def uvicorn_server(app: Starlette, context: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> uvicorn.Server:
     """A uvicorn ``Server`` terminating TLS with ``context`` as given (uvicorn would otherwise build its own)."""
-    import uvicorn
-
     factory: Callable[..., ssl.SSLContext] = lambda _config, _default: context  # noqa: E731
-    config = uvicorn.Config(app, host=host, port=port, ssl_context_factory=factory, log_level="warning", log_config=None, access_log=False, lifespan="on", ws="none")
+    config = uvicorn.Config(app, host=host, port=port, ssl_context_factory=factory, log_level=log_level, log_config=None, access_log=False, lifespan="on", ws="none")
     return uvicorn.Server(config)
 
 
@@ -129,19 +137,19 @@ async def serve_listeners(listeners: list[Listener]) -> None:
 
     def stop_all() -> None:
         for server in servers:
-            server.should_exit = True  # type: ignore[attr-defined]
+            server.should_exit = True
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_all)
 
-    async def serve(server: object) -> None:
-        server.capture_signals = contextlib.nullcontext  # type: ignore[attr-defined]  # one handler above stops both
+    async def serve(server: uvicorn.Server) -> None:
+        server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign]  # one handler above stops both
         try:
-            await server.serve()  # type: ignore[attr-defined]
+            await server.serve()
         finally:
             stop_all()
-            if not server.started:  # type: ignore[attr-defined]  # could not bind: the whole gateway fails
+            if not server.started:  # could not bind: the whole gateway fails
                 raise SystemExit(1)
 
     await asyncio.gather(*(serve(server) for server in servers))
@@ -149,21 +157,24 @@ async def serve_listeners(listeners: list[Listener]) -> None:
 
 @contextlib.contextmanager
 def serving_in_background(app: Starlette, context: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0) -> Iterator[int]:
-    """Serve ``app`` from a thread of this process for the block's duration; yields the bound port (``port`` 0: any free one)."""
+    """Serve ``app`` from a thread of this process for the block's duration; yields the bound port (``port`` 0: any free one).
+
+    uvicorn's own tracebacks stay off the terminal (the forwarder logs one line per failure).
+    """
     sock = bound_socket(host, port)
-    server = uvicorn_server(app, context, host, sock.getsockname()[1])
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"fedhelix-forwarder-{sock.getsockname()[1]}", daemon=True)  # type: ignore[attr-defined]
+    server = uvicorn_server(app, context, host, sock.getsockname()[1], log_level="critical")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"fedhelix-forwarder-{sock.getsockname()[1]}", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
-    while not server.started:  # type: ignore[attr-defined]
+    while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True  # type: ignore[attr-defined]
+            server.should_exit = True
             sock.close()
             raise OSError(f"a forwarder on {host} did not start")
         time.sleep(0.02)
     try:
         yield sock.getsockname()[1]
     finally:
-        server.should_exit = True  # type: ignore[attr-defined]
+        server.should_exit = True
         thread.join(timeout=10)
         sock.close()
