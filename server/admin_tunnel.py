@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import ssl
 import subprocess
 import sys
@@ -31,6 +32,8 @@ from shared.kits import read_kit
 from shared.pki import cert_pem, check_issued_by, check_owner_only, check_validity, load_certificate, key_pem, self_signed_server, write_private, write_public
 
 TUNNEL_HOST = "127.0.0.1"
+# The command's own error line says what failed; the tunnel's lines appear only where logging is set up (--verbose).
+logging.getLogger("fedhelix.admin-tunnel").addHandler(logging.NullHandler())
 
 
 @dataclass(frozen=True)

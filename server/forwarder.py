@@ -28,8 +28,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-log = logging.getLogger("fedhelix.gateway")
-
 # Hop-by-hop headers (RFC 9110 7.6.1) are per connection and never forwarded.
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "transfer-encoding", "upgrade", "host"}
 METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"]
@@ -64,6 +62,7 @@ def create_forwarder(
     certificate); ``transport`` replaces the network (tests).
     """
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=timeout, transport=transport)
+    log = logging.getLogger(f"fedhelix.{name.replace(' ', '-')}")
 
     async def forward(request: Request) -> Response:
         path = request.url.path
