@@ -177,7 +177,7 @@ def status_command(
     from server.status import consortium_status
 
     status = consortium_status(kit, runs)
-    console.print(f"consortium '{status.kit.consortium}' via {status.kit.address}: {len(status.roster)} site(s) in the roster, {len(status.nodes)} node(s) registered, {status.online} online")
+    console.print(f"consortium '{status.kit.consortium}' via {status.kit.address}: {len(status.roster)} site(s) in the roster, {len(status.nodes)} node(s) registered, {status.online} online", soft_wrap=True)
     nodes = Table(title="nodes (flwr supernode ls)")
     for header in ("node id", "status", "online since"):
         nodes.add_column(header)
@@ -192,7 +192,7 @@ def status_command(
     console.print(runs_table)
     local = status.newest_local
     if local is None:
-        console.print(f"no run directory under {runs} on this machine")
+        console.print(f"no run directory under {runs} on this machine", soft_wrap=True)
         return
     means = ", ".join(f"{k} {v:.3f}" for k, v in local.mean.items()) or "no round finished yet"
-    console.print(f"newest run directory {local.path}: {local.status}, round {local.rounds_done} done; mean over sites: {means}")
+    console.print(f"newest run directory {local.path}: {local.status}, round {local.rounds_done} done; mean over sites: {means}", soft_wrap=True)
