@@ -1,6 +1,6 @@
-"""The admin host's way to the server's admin listener for the flwr CLI, which cannot present a client certificate.
+"""How the admin's machine reaches the Control API: the admin kit's address, the local tunnel, ``flwr`` calls.
 
-For as long as one ``fedhelix run`` or ``fedhelix status`` lasts, a forwarder listens on
+The flwr CLI cannot present a client certificate, so for as long as one ``fedhelix run`` or ``fedhelix status`` lasts, a forwarder listens on
 127.0.0.1 (an ephemeral port, TLS with a throwaway self-signed certificate that only this
 command's private FLWR_HOME trusts) and forwards the Control API to the admin listener,
 presenting the admin's certificate and checking the server's against the consortium CA.
@@ -29,7 +29,7 @@ from server.deployment import CONNECTION, flower_env, flwr_home_for
 from server.forwarder import create_forwarder, server_context, serving_in_background
 from shared.errors import ConfigError, FedhelixError
 from shared.kits import read_kit
-from shared.pki import cert_pem, check_issued_by, check_owner_only, check_validity, load_certificate, key_pem, self_signed_server, write_private, write_public
+from shared.pki import cert_pem, check_issued_by, check_owner_only, check_validity, load_certificate, key_pem, self_signed_server, split_address, write_private, write_public
 
 TUNNEL_HOST = "127.0.0.1"
 # The command's own error line says what failed; the tunnel's lines appear only where logging is set up (--verbose).
@@ -55,6 +55,8 @@ def load_admin_kit(path: Path) -> AdminKit:
     if "admin_address" not in a and "control_address" not in a:
         raise ConfigError(f"{path}/admin.toml: [admin] admin_address is missing; use the admin kit written by `fedhelix provision`")
     admin = str(a["admin_address"]) if "admin_address" in a else None
+    if admin is not None:
+        split_address(admin, f"{path}/admin.toml admin_address")
     control = str(a["control_address"]) if "control_address" in a else None
     return AdminKit(path, str(a["consortium"]), admin, control)
 
