@@ -285,3 +285,23 @@ def test_an_admin_kit_from_before_the_listener_still_dials_the_loopback_link(tmp
     (tmp_path / "admin.toml").write_text('[admin]\nconsortium = "adm"\n')
     with pytest.raises(ConfigError, match="admin_address is missing"):
         load_admin_kit(tmp_path)
+
+
+def test_status_reads_the_newest_run_directory_visible_here(tmp_path: Path) -> None:
+    import json
+
+    from server.status import newest_local_run
+
+    assert newest_local_run(tmp_path) is None
+    old, new = tmp_path / "old-study", tmp_path / "new-study"
+    for run in (old, new):
+        run.mkdir()
+        (run / "run-identity.json").write_text("{}")
+    (old / "report.json").write_text('{"status": "completed"}')
+    rounds = [{"round": r, "evaluate": {"mean": {"c_index": 0.5 + r / 10, "n": None}}} for r in (1, 2)]
+    (new / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rounds))
+    os.utime(old / "report.json", (time.time() - 600, time.time() - 600))
+    os.utime(old / "run-identity.json", (time.time() - 600, time.time() - 600))
+    local = newest_local_run(tmp_path)
+    assert local is not None and local.path == new
+    assert (local.rounds_done, local.mean, local.status) == (2, {"c_index": 0.7}, "running or interrupted")
