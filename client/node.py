@@ -4,7 +4,8 @@ Order matters: every check that can fail locally (kit, certificates, the site's 
 against the contract, the server's TLS certificate) runs before the node registers,
 so a problem is one line at the site and nothing is sent. The node then runs Flower's
 SuperNode in a child process with TLS, the site's node key (SuperNode authentication)
-and the approval gate of :mod:`client.node_gate`.
+and the approval gate of :mod:`client.node_gate`; probe and SuperNode both go through the
+hospital's outbound HTTP proxy when one is set (:mod:`client.proxy`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +26,13 @@ from cryptography import x509
 
 from client.secagg_auth import AUTH_KEY
 from client.approval import approvals_path, read_approvals
+from client.proxy import Proxy, Route, choose_route, open_tunnel
 from shared.config import SiteConfig, load_site
 from shared.contract import load_site_data
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import flower_process_env
 from shared.kits import read_kit
+from shared.ports import require_free_port
 from shared.pki import (
     CertificateError,
     check_issued_by,
@@ -47,6 +51,7 @@ FLOWER_NOT_ACTIVATED = b"Exit Code: 305"
 # and refuses a new one meanwhile; the wait covers the stock case with a margin.
 REJOIN_WAIT_S = 75.0
 REJOIN_RETRY_S = 5.0
+DIRECT = Route(None, "no proxy")
 
 
 @dataclass(frozen=True)
@@ -88,21 +93,23 @@ def check_kit(kit: NodeKit) -> x509.Certificate:
     return admin
 
 
-def probe_server(kit: NodeKit, timeout: float = 10.0) -> None:
-    """Open one TLS connection to the server and verify its certificate against the kit's CA."""
+def probe_server(kit: NodeKit, timeout: float = 10.0, proxy: Proxy | None = None) -> None:
+    """Open one TLS connection to the server (through ``proxy`` with CONNECT, if any) and verify its certificate against the kit's CA."""
     host, port = split_address(kit.server_address, f"{kit.path}/node.toml server_address")
     context = ssl.create_default_context(cafile=str(kit.ca))
     try:
-        with socket.create_connection((host, port), timeout=timeout) as raw, context.wrap_socket(raw, server_hostname=host):
+        raw = open_tunnel(proxy, host, port, timeout) if proxy is not None else socket.create_connection((host, port), timeout=timeout)
+        with raw, context.wrap_socket(raw, server_hostname=host):
             return
     except ssl.SSLCertVerificationError as err:
         reason = err.verify_message or str(err)
         if "expired" in reason:
             raise CertificateError(f"the server at {kit.server_address} presented an expired certificate; the consortium admin must renew it") from None
         if "issuer" in reason or "self-signed" in reason or "self signed" in reason:
+            inspecting = f"; if the proxy {proxy} inspects TLS, ask your network team to exempt that address" if proxy is not None else ""
             raise CertificateError(
                 f"the server at {kit.server_address} presented a certificate not issued by this kit's consortium CA ({kit.ca}); "
-                "refusing to connect (wrong server, or a kit from another consortium)"
+                f"refusing to connect (wrong server, or a kit from another consortium){inspecting}"
             ) from None
         raise CertificateError(f"the server at {kit.server_address} failed TLS verification: {reason}") from None
     except ssl.SSLError as err:
@@ -120,16 +127,26 @@ class NodePlan:
     command: list[str]
     launcher: list[str] | None = None  # fast mode: the warm ClientApp launcher beside the SuperNode
     rejoin_wait_s: float = REJOIN_WAIT_S  # how long a refused activation is retried (a restart after a crash)
+    route: Route = DIRECT  # how the node reaches the server (an outbound HTTP proxy, or directly)
 
 
 def prepare_node(
-    kit_path: Path, site_path: Path, *, port: int = 9094, probe: bool = True, fast: bool = True, rejoin_wait_s: float = REJOIN_WAIT_S
+    kit_path: Path,
+    site_path: Path,
+    *,
+    port: int = 9094,
+    probe: bool = True,
+    fast: bool = True,
+    rejoin_wait_s: float = REJOIN_WAIT_S,
+    proxy: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> NodePlan:
     """Every local check, then the SuperNode command line (nothing started yet).
 
     ``fast`` (default): short polls and a warm, forking ClientApp launcher (about a second of
     fixed cost per round); ``fast=False`` runs Flower's stock SuperNode (a fresh ClientApp
-    process per message, 3 s polls).
+    process per message, 3 s polls). ``proxy`` (``--proxy``) wins over ``HTTPS_PROXY`` in
+    ``environ`` (default: this process's); see :mod:`client.proxy`.
     """
     kit = load_node_kit(kit_path)
     site = load_site(site_path)
@@ -140,8 +157,11 @@ def prepare_node(
     load_site_data(site, task)  # the contract, before anything leaves
     approvals = approvals_path(site)
     read_approvals(approvals)  # readable (an unreadable file is an error now, not mid-study)
+    # The SuperNode's Runtime API listens on this loopback port: taken, Flower would end in a traceback.
+    require_free_port("127.0.0.1", port, "another node?", "give this node its own --port")
+    route = choose_route(proxy, *split_address(kit.server_address, f"{kit.path}/node.toml server_address"), environ)
     if probe:
-        probe_server(kit)
+        probe_server(kit, proxy=route.proxy)
     # The site file's [privacy] ledger is the one ledger of this dataset (also what `fedhelix ledger show` reads).
     ledger = site.privacy.ledger if site.privacy is not None else None
     # The node key also signs this site's SecAgg+ public keys (checked by the other sites against the signed roster).
@@ -165,7 +185,7 @@ def prepare_node(
         secret = write_secret_file(approvals.parent / f".{kit.site}.runtime-secret")
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
         launcher = [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret)]
-    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s))
+    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s), route)
 
 
 def run_node(plan: NodePlan) -> int:
@@ -174,7 +194,7 @@ def run_node(plan: NodePlan) -> int:
     A refused activation is retried for ``plan.rejoin_wait_s``: a node restarted right
     after a crash is refused until the SuperLink lets its previous session expire.
     """
-    env = flower_process_env()  # flower-superexec, flwr-clientapp on PATH
+    env = plan.route.child_env(flower_process_env())  # flower-superexec, flwr-clientapp on PATH; the probe's proxy, loopback direct
     # Own process groups: stopping the node stops Flower's SuperExec / the launcher and every ClientApp.
     # The launcher outlives SuperNode retries (it only polls the node's local Runtime API).
     helpers = [subprocess.Popen(plan.launcher, env=env, start_new_session=True)] if plan.launcher else []

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from shared.metrics import PRIMARY
 from shared.paths import DEFAULT_STUDY
+from shared.terminal import plain_console, tagged
 
-console = Console()
+console = plain_console()  # prints study names, paths and Flower's log lines as written
 
 
 def simulate_command(
@@ -47,11 +48,11 @@ def print_summary(report: dict) -> None:
     fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
     for name, row in report["final"]["sites"].items():
         table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[fmt(row.get(m)) for m in metrics])
-    table.add_row("[bold]mean", "", "", *[fmt(report["final"]["mean"].get(m)) for m in metrics])
+    table.add_row(Text("mean", style="bold"), "", "", *[fmt(report["final"]["mean"].get(m)) for m in metrics])
     console.print(table)
     best = "higher" if PRIMARY[task][1] else "lower"
     out = Path(report.get("run_dir", "."))
-    console.print(f"Primary metric: {primary} ({best} is better). Report: [bold]{out / 'report.html'}[/] and report.json")
+    console.print(Text.assemble(f"Primary metric: {primary} ({best} is better). Report: ", (str(out / "report.html"), "bold"), " and report.json"))
 
 
 # --------------------------------------------------------------------------- deployment
@@ -68,14 +69,14 @@ def provision_command(
 
     if add_site:
         kit = add_one_site(out, add_site)
-        console.print(f"[green]added[/] site kit {kit}; restart `fedhelix server` (or it registers the key at next start) and hand the kit to the site")
+        console.print(tagged("added", "green", f"site kit {kit}; restart `fedhelix server` (or it registers the key at next start) and hand the kit to the site"))
         return
     if consortium is None:
         raise typer.BadParameter("give the consortium file, or --add-site NAME with --out of an existing consortium")
     config = load_consortium(consortium)
     kits = provision(config, out)
     for kit in kits:
-        console.print(f"[green]wrote[/] {kit}")
+        console.print(tagged("wrote", "green", str(kit)))
     console.print(f"Keep {out / 'ca'} offline (the CA key). Give each site only its own directory.")
 
 
@@ -96,7 +97,7 @@ def server_command(
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     running = start_server(kit)
     k = running.kit
-    console.print(f"[green]fedhelix server[/] '{k.consortium}': sites dial {k.listen} (Fleet API only)")
+    console.print(tagged("fedhelix server", "green", f"'{k.consortium}': sites dial {k.listen} (Fleet API only)"))
     if k.admin_listen:
         console.print(f"admin listener on {k.admin_listen}: Control API for the admin's certificate ({k.admin_cert}) only")
     else:
@@ -128,7 +129,7 @@ def run_command(
 
     def show(line: str) -> None:
         if verbose or any(word in line for word in ("ROUND", "round", "study", "ERROR", "error", "refuse")):
-            console.print(f"[dim]{line}[/]", highlight=False)
+            console.print(line, style="dim")
 
     submission = submit_study(study, kit, out, on_line=show, resume=resume, retry=retry, valid_hours=valid_hours)  # raises with the report's reason unless completed
     if not submission.report_here:
@@ -166,7 +167,7 @@ def partition_command(
     console.print(table)
     if result.invalid:
         console.print(f"{result.invalid} SMILES could not be parsed; they stay in the CSVs and the site files skip them (invalid_smiles = \"skip\").")
-    console.print(f"Study: [bold]{result.study}[/]  run it with: fedhelix simulate {result.study}")
+    console.print(Text.assemble("Study: ", (str(result.study), "bold"), f"  run it with: fedhelix simulate {result.study}"))
 
 
 def status_command(

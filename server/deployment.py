@@ -28,6 +28,7 @@ from shared.flower_env import flower_process_env
 from shared.flower_polling import FAST, TASK_POLL_ENV
 from shared.kits import read_kit
 from shared.pki import check_issued_by, check_owner_only, check_validity, load_certificate, split_address
+from shared.ports import require_free_port
 
 CONNECTION = "fedhelix"  # the flwr CLI's name for this server's Control API
 
@@ -196,12 +197,24 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def check_ports_free(kit: ServerKit) -> None:
+    """The SuperLink's, the gateway's and the admin listener's ports are free (taken, the health checks could even reach another server)."""
+    toml = kit.path / "server.toml"
+    require_free_port("127.0.0.1", kit.link_port, "another fedhelix server?", f"stop it, or set another link_port in {toml}")
+    host, port = split_address(kit.listen, f"{toml} listen")
+    require_free_port(host, port, "another server?", f"stop it, or set another port in listen of {toml}")
+    if kit.admin_listen is not None:
+        admin_host, admin_port = split_address(kit.admin_listen, f"{toml} admin_listen")
+        require_free_port(admin_host, admin_port, "another server?", f"stop it, or set another port in admin_listen of {toml}")
+
+
 def start_server(kit_path: Path, log_dir: Path | None = None) -> RunningServer:
     """Start SuperLink and gateway, register the sites; returns once both answer /health."""
     kit = load_server_kit(kit_path)
     check_server_kit(kit)
     if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
         raise FedhelixError("flower-superlink not found beside this Python; install fedhelix into this environment")
+    check_ports_free(kit)
     kit.database.parent.mkdir(parents=True, exist_ok=True)
     log_dir = log_dir or kit.database.parent
     home = flwr_home_for(kit.ca, kit.link_address, kit.database.parent / "flwr-home")

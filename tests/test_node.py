@@ -56,3 +56,50 @@ def test_no_rejoin_wait_gives_up_at_once(tmp_path: Path) -> None:
     with pytest.raises(FedhelixError, match="allow-list"):
         run_node(plan(tmp_path, refusals=1, wait_s=0))
     assert starts(tmp_path) == 1
+
+
+# ----------------------------------------------------------------------------- the node's own port
+
+
+@pytest.fixture
+def listener():
+    """A real socket listening on a loopback port, as a first node on this host would."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def site_kit(tmp_path: Path, root: Path) -> tuple[Path, Path]:
+    """A provisioned kit for the TCGA-BRCA site 'canada' and its site file (data in the repository)."""
+    from server.provision import ConsortiumConfig, provision
+
+    provision(ConsortiumConfig(name="c", server_address="127.0.0.1:1", sites=("canada",)), tmp_path / "kits")
+    site = tmp_path / "canada.toml"
+    data = root / "data" / "tcga_brca" / "regions" / "canada.csv"
+    site.write_text(f'[site]\nname = "canada"\n[data]\npath = "{data}"\nlabel = "E"\ntime = "T"\ndrop = ["pid"]\nsplit_column = "fold"\n')
+    return tmp_path / "kits" / "canada", site
+
+
+def test_a_second_node_on_the_same_port_is_one_line_naming_the_port(tmp_path: Path, root: Path, listener: int) -> None:
+    from shared.errors import ConfigError
+
+    kit, site = site_kit(tmp_path, root)
+    with pytest.raises(ConfigError, match=rf"port {listener} on this host is in use \(another node\?\); give this node its own --port$"):
+        node.prepare_node(kit, site, port=listener, probe=False)
+    free = node.prepare_node(kit, site, port=listener + 1 if listener < 65535 else listener - 1, probe=False)  # only the port was wrong
+    assert "--port" in free.command
+
+
+def test_fedhelix_node_on_a_taken_port_exits_2_with_one_line(tmp_path: Path, root: Path, listener: int) -> None:
+    import subprocess
+
+    kit, site = site_kit(tmp_path, root)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedhelix.cli", "node", "--kit", str(kit), "--site", str(site), "--port", str(listener)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == f"error: port {listener} on this host is in use (another node?); give this node its own --port"

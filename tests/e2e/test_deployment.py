@@ -1,7 +1,8 @@
 """The real network path on loopback: provisioned kits, TLS gateway, SuperLink with node
-authentication, three SuperNodes with their own data, a signed and approved study with
-SecAgg+ and DP, and each way in which a node or a request must be turned away: an unapproved
-study, a completed run's signed config replayed as a new run, a bundle with an extra .pyc."""
+authentication, three SuperNodes with their own data (one reaching the server only through an
+HTTP CONNECT proxy), a signed and approved study with SecAgg+ and DP, and each way in
+which a node or a request must be turned away: an unapproved study, a completed run's
+signed config replayed as a new run, a bundle with an extra .pyc."""
 
 from __future__ import annotations
 
@@ -34,11 +35,13 @@ from shared.errors import FedhelixError
 from shared.paths import PROJECT_ROOT
 from shared.pki import CertificateError, load_identity
 
+from .connect_proxy import RunningProxy, start_proxy
 from .deployed import free_port, hazard_study, ledger_rows, run_fab_as_is, start_node, stop_nodes, study_sites, write_site
 
 pytestmark = pytest.mark.e2e
 
 SITES = ("northeast", "south", "west")
+PROXIED = "west"  # this node reaches the server only through an HTTP CONNECT proxy (`fedhelix node --proxy`)
 STUDY = hazard_study("deployed-tcga", rounds=2, local_steps=100)
 
 
@@ -57,6 +60,7 @@ class Consortium:
     nodes: dict[str, subprocess.Popen]
     signed: list[dict]  # every run config `fedhelix run` signed in this module, in order
     completed: dict | None = None  # the signed config of a run that completed
+    proxy: RunningProxy | None = None  # the outbound proxy of PROXIED
 
     def site_file(self, name: str) -> Path:
         return self.root / "sites" / f"{name}.toml"
@@ -87,15 +91,18 @@ def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]
         return manifest, config
 
     server_ = start_server(kits / "server")
+    proxy = start_proxy(root / "proxy")
     nodes = {}
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(server.submit, "signed_run_config", recording)
             for name in SITES:
-                nodes[name] = start_node(kits / name, root / "sites" / f"{name}.toml", free_port(), root / f"node-{name}.log")
-            yield Consortium(root, kits, server_, gateway_port, study, digest, nodes, signed)
+                extra = ["--proxy", proxy.url] if name == PROXIED else []
+                nodes[name] = start_node(kits / name, root / "sites" / f"{name}.toml", free_port(), root / f"node-{name}.log", extra=extra)
+            yield Consortium(root, kits, server_, gateway_port, study, digest, nodes, signed, proxy=proxy)
     finally:
         stop_nodes(nodes)
+        proxy.stop()
         server_.stop()
 
 
@@ -129,6 +136,19 @@ def test_signed_approved_study_runs_with_secagg_and_dp(consortium: Consortium) -
         assert summary.kinds.get("update", 0) == 2 and summary.kinds.get("handshake", 0) >= 1
     assert (submission.out_dir / "study.toml").read_bytes() == consortium.study.read_bytes()  # what was run
     assert (submission.out_dir / "report.html").exists() and (submission.out_dir / "model.pt").exists()
+
+
+def test_the_proxied_node_reaches_the_server_only_through_its_proxy(consortium: Consortium) -> None:
+    """PROXIED trained in the study above like the others; here: its every outbound connection was a CONNECT to the server."""
+    assert consortium.proxy is not None
+    server = f"127.0.0.1:{consortium.gateway_port}"
+    deadline = time.monotonic() + 120  # run alone, the node may still be starting
+    while len(consortium.proxy.requests()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    requests = consortium.proxy.requests()
+    assert len(requests) >= 2 and set(requests) == {("CONNECT", server)}  # the probe, then the SuperNode; no loopback traffic
+    assert f"outbound: {server} through the proxy {consortium.proxy.url} (from --proxy)" in consortium.node_log(PROXIED)
+    assert all("through the proxy" not in consortium.node_log(name) for name in SITES if name != PROXIED)
 
 
 def test_unapproved_study_is_refused_by_every_site_and_nothing_is_trained(consortium: Consortium) -> None:

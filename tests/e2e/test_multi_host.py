@@ -33,6 +33,7 @@ from shared.config import load_site
 from shared.paths import PROJECT_ROOT
 from shared.pki import san_hosts, load_certificate
 
+from .connect_proxy import RunningProxy, start_proxy
 from .deployed import hazard_study, study_sites, write_site
 from .hosts import Host, Network, namespaces_unavailable
 
@@ -43,6 +44,7 @@ if WHY_NOT:
     pytestmark = [pytest.mark.e2e, pytest.mark.skip(reason=WHY_NOT)]
 
 HOSPITALS = ("northeast", "south", "west")
+BEHIND_PROXY = "west"  # on the clinic LAN: its only way out is the proxy
 GATEWAY_PORT, LINK_PORT = 9092, 9093
 FEDHELIX = str(Path(sys.executable).parent / "fedhelix")
 
@@ -53,6 +55,7 @@ class Hosts:
     server: Host
     admin: Host
     hospitals: dict[str, Host]
+    proxy: RunningProxy
     root: Path
     kits: Path
     study: Path
@@ -76,9 +79,13 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     root = tmp_path_factory.mktemp("hosts")
     with Network() as net:
         net.lan("wan")
+        net.lan("clinic")
         server = net.host("server", wan=2)
         admin = net.host("admin", wan=3)
-        hospitals = {name: net.host(name, wan=11 + i) for i, name in enumerate(HOSPITALS)}
+        hospitals = {name: net.host(name, wan=11 + i) for i, name in enumerate(HOSPITALS) if name != BEHIND_PROXY}
+        hospitals[BEHIND_PROXY] = net.host(BEHIND_PROXY, clinic=11)
+        proxy_host = net.host("proxy", wan=20, clinic=20)
+        proxy = start_proxy(root / "proxy", host=proxy_host.addresses["clinic"], argv=proxy_host.argv)
         config = ConsortiumConfig(name="multihost", server_address=f"{server.address}:{GATEWAY_PORT}", sites=HOSPITALS, link_port=LINK_PORT)
         kits = root / "kits"
         provision(config, kits)
@@ -93,12 +100,17 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         server_proc = server.popen([FEDHELIX, "server", "--kit", str(kits / "server")], server_log)
         wait_for(lambda: "registered sites" in server_log.read_text(), 120, "the server did not start", server_log)
         nodes = {
-            name: host.popen([FEDHELIX, "node", "--kit", str(kits / name), "--site", str(sites / f"{name}.toml")], root / f"node-{name}.log", cwd=sites)
+            name: host.popen(
+                [FEDHELIX, "node", "--kit", str(kits / name), "--site", str(sites / f"{name}.toml"), *(["--proxy", proxy.url] if name == BEHIND_PROXY else [])],
+                root / f"node-{name}.log",
+                cwd=sites,
+            )
             for name, host in hospitals.items()
         }
         try:
-            yield Hosts(net, server, admin, hospitals, root, kits, study, server_log)
+            yield Hosts(net, server, admin, hospitals, proxy, root, kits, study, server_log)
         finally:
+            proxy.stop()
             for proc in (*nodes.values(), server_proc):
                 proc.terminate()
             for proc in (*nodes.values(), server_proc):
@@ -136,6 +148,16 @@ def test_nothing_listens_on_a_hospital_host_beyond_its_loopback(hosts: Hosts) ->
 
 
 def test_the_superlink_is_unreachable_from_hospital_hosts(hosts: Hosts) -> None:
-    for host in hosts.hospitals.values():
-        assert host.reachable(hosts.server.address, GATEWAY_PORT)  # the site-facing gateway is
+    for name, host in hosts.hospitals.items():
+        assert host.reachable(hosts.server.address, GATEWAY_PORT) == (name != BEHIND_PROXY)  # the site-facing gateway is (but through the proxy)
         assert not host.reachable(hosts.server.address, LINK_PORT)  # the SuperLink (Fleet, Control, Runtime) is not
+
+
+def test_a_hospital_behind_a_proxy_joins_only_through_it(hosts: Hosts) -> None:
+    west = hosts.hospitals[BEHIND_PROXY]
+    assert not west.reachable(hosts.server.address, GATEWAY_PORT)  # no route to the server but the proxy
+    target = f"{hosts.server.address}:{GATEWAY_PORT}"
+    requests = hosts.proxy.requests()
+    assert ("CONNECT", target) in requests, requests
+    assert all(req == ("CONNECT", target) for req in requests), requests  # TLS end to end: the proxy sees only where
+    assert f"through the proxy {hosts.proxy.url}" in hosts.node_log(BEHIND_PROXY)
