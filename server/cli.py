@@ -36,23 +36,56 @@ def simulate_command(
 
 
 def print_summary(report: dict) -> None:
-    """The final per-site table in the terminal."""
+    """The final per-site table in the terminal, then the primary metric beside the constant predictor's, and every site where the model is not better."""
     task = report["study"]["task"]
     primary = report["primary_metric"]
     metrics = {"binary": ["roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity"], "regression": ["rmse", "mae", "pearson_r"], "survival": ["c_index"], "multitask": ["roc_auc", "pr_auc"]}[task]
-    short = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "c_index": "C-index", "rmse": "RMSE", "mae": "MAE", "pearson_r": "r"}
     table = Table(title=f"{report['study']['name']}: final global model on each site's test split")
     table.add_column("site", no_wrap=True)
     for header in ["train", "test", *metrics]:
-        table.add_column(short.get(header, header), justify="right")
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+        table.add_column(SHORT.get(header, header), justify="right")
     for name, row in report["final"]["sites"].items():
-        table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[fmt(row.get(m)) for m in metrics])
-    table.add_row(Text("mean", style="bold"), "", "", *[fmt(report["final"]["mean"].get(m)) for m in metrics])
+        table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[_fmt(row.get(m)) for m in metrics])
+    table.add_row(Text("mean", style="bold"), "", "", *[_fmt(report["final"]["mean"].get(m)) for m in metrics])
     console.print(table)
+    if report.get("baseline"):  # reports written before baselines have none
+        print_baseline(report["baseline"])
     best = "higher" if PRIMARY[task][1] else "lower"
     out = Path(report.get("run_dir", "."))
     console.print(Text.assemble(f"Primary metric: {primary} ({best} is better). Report: ", (str(out / "report.html"), "bold"), " and report.json"))
+
+
+SHORT = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "c_index": "C-index", "rmse": "RMSE", "mae": "MAE", "pearson_r": "r"}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def print_baseline(review: dict) -> None:
+    """Model vs the constant predictor with each site's bootstrap interval; every flag and caution in words."""
+    from server.baseline_review import interval_text
+
+    if not review["sites"]:
+        return
+    verdict = {True: Text("yes"), False: Text("NO", style="bold red"), None: Text("n/a")}
+    binary = any("loss_better" in e for e in review["sites"].values())
+    table = Table(title="against the constant predictor (same test split)")
+    table.add_column("site", no_wrap=True)
+    for header in [SHORT.get(review["metric"], review["metric"]), f"{round(review['ci_level'] * 100)}% CI", "const.", "better?", *(["loss", "const."] if binary else [])]:
+        table.add_column(header, justify="right", no_wrap=True)
+    rows = [(Text(name), e, interval_text(e, review["ci_resamples"], digits=2)) for name, e in review["sites"].items()]
+    for name, e, interval in [*rows, (Text("mean", style="bold"), review["mean"], "")]:
+        losses = [_fmt(e.get("loss")), _fmt(e.get("baseline_loss"))] if binary else []
+        table.add_row(name, _fmt(e["model"]), interval, _fmt(e["baseline"]), verdict[e["better"]], *losses)
+    console.print(table)
+    for flag in review["flags"]:
+        console.print(tagged("not better than baseline:", "bold red", flag))
+    for caution in review.get("cautions", []):
+        console.print(tagged("caution:", "yellow", caution))
+    if not review["flags"]:
+        console.print(Text("The final model is better than the constant predictor at every site and on the mean.", style="green"))
+    console.print(Text("CI: percentile bootstrap at each site (when not all resamples had the metric defined: how many did); the mean has none.", style="dim"))
 
 
 # --------------------------------------------------------------------------- deployment

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +120,7 @@ def submit_study(
     resume: Path | None = None,
     retry: Path | None = None,
     valid_hours: float = DEFAULT_VALID_HOURS,
+    run_config: Mapping[str, str | int | float] | None = None,
 ) -> Submission:
     """Sign and submit; streams Flower's log lines to ``on_line``; returns when the run ends.
 
@@ -129,6 +130,8 @@ def submit_study(
     ``retry``: a run directory of this study that failed before any checkpoint; it starts again
     from round 1. Both re-sign the run's identity with the next attempt number.
     ``valid_hours``: the sites admit the signed run until this many hours from now.
+    ``run_config``: unsigned ServerApp settings sent beside the signed ones (e.g. ``poll-interval``); they
+    cannot replace a signed key.
     """
     if resume is not None and retry is not None:
         raise ConfigError("--resume and --retry both name a run to continue; give one")
@@ -177,9 +180,12 @@ def submit_study(
         study_bytes, fab, kit.consortium, admin.key, nonce=identity.nonce, attempt=identity.attempt, expires=expires, roster=roster
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_config: dict[str, str | int] = {**signed, "out": str(out_dir)}
+    clash = sorted(set(run_config or {}) & (set(signed) | {"out", "resume"}))
+    if clash:
+        raise ConfigError(f"run config key(s) {', '.join(clash)} are set by `fedhelix run` itself")
+    config: dict[str, str | int | float] = {**(run_config or {}), **signed, "out": str(out_dir)}
     if resume is not None:
-        run_config["resume"] = str(run_dir)
+        config["resume"] = str(run_dir)
     write_run_identity(run_dir, identity, expires)
     if on_line is not None:
         if note:
@@ -189,7 +195,7 @@ def submit_study(
         app = stage_app(fab, Path(tmp) / "app")
         command = [
             str(Path(sys.executable).parent / "flwr"), "run", str(app), CONNECTION, "--stream",
-            "--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items()),
+            "--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
         ]  # fmt: skip
         proc = subprocess.Popen(command, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         run_id = None
