@@ -128,6 +128,7 @@ class NodePlan:
     launcher: list[str] | None = None  # fast mode: the warm ClientApp launcher beside the SuperNode
     rejoin_wait_s: float = REJOIN_WAIT_S  # how long a refused activation is retried (a restart after a crash)
     route: Route = DIRECT  # how the node reaches the server (an outbound HTTP proxy, or directly)
+    flwr_home: Path | None = None  # this node's own FLWR_HOME (the apps it installed), not shared with another node
 
 
 def prepare_node(
@@ -188,7 +189,11 @@ def prepare_node(
         command[command.index("--fast") + 1 : command.index("--fast") + 1] = ["--wake-name", wake]
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
         launcher = [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret), "--wake-name", wake]
-    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s), route)
+    # Flower installs each run's app under FLWR_HOME/apps; two nodes sharing one (the default ~/.flwr)
+    # would unpack into the same directory at once, and one could plant code the other runs.
+    flwr_home = approvals.parent / f".{kit.site}.flwr"
+    flwr_home.mkdir(mode=0o700, exist_ok=True)
+    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s), route, flwr_home)
 
 
 def run_node(plan: NodePlan) -> int:
@@ -197,7 +202,7 @@ def run_node(plan: NodePlan) -> int:
     A refused activation is retried for ``plan.rejoin_wait_s``: a node restarted right
     after a crash is refused until the SuperLink lets its previous session expire.
     """
-    env = plan.route.child_env(flower_process_env())  # flower-superexec, flwr-clientapp on PATH; the probe's proxy, loopback direct
+    env = plan.route.child_env(flower_process_env(plan.flwr_home))  # flower-superexec, flwr-clientapp on PATH; the probe's proxy, loopback direct
     # Own process groups: stopping the node stops Flower's SuperExec / the launcher and every ClientApp.
     # The launcher outlives SuperNode retries (it only polls the node's local Runtime API).
     helpers = [subprocess.Popen(plan.launcher, env=env, start_new_session=True)] if plan.launcher else []

@@ -103,3 +103,19 @@ def test_fedhelix_node_on_a_taken_port_exits_2_with_one_line(tmp_path: Path, roo
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip() == f"error: port {listener} on this host is in use (another node?); give this node its own --port"
+
+
+def test_each_node_installs_apps_in_its_own_flwr_home(tmp_path: Path, root: Path) -> None:
+    """Two nodes on one host must not unpack runs' apps into one shared FLWR_HOME (a race, and one could plant code for the other)."""
+    import stat
+
+    from server.provision import add_site
+
+    kit, site = site_kit(tmp_path, root)
+    other_kit = add_site(tmp_path / "kits", "denmark")
+    other_site = tmp_path / "denmark.toml"
+    other_site.write_text(site.read_text().replace('name = "canada"', 'name = "denmark"'))
+    first = node.prepare_node(kit, site, port=19094, probe=False)
+    second = node.prepare_node(other_kit, other_site, port=19095, probe=False)
+    assert first.flwr_home is not None and second.flwr_home is not None and first.flwr_home != second.flwr_home
+    assert stat.S_IMODE(first.flwr_home.stat().st_mode) == 0o700
