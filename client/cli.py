@@ -6,33 +6,36 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.config import load_site, load_study
 from shared.contract import load_site_data
 from shared.errors import ConfigError
+from shared.terminal import plain_console, tagged
 
-console = Console()
+console = plain_console()  # prints file paths, fixes and [sections] as written
 
 
 def check_site_command(
     site: Annotated[Path, typer.Argument(help="The site file (TOML) describing this hospital's data.")],
-    study: Annotated[Path | None, typer.Option("--study", help="Check against this study's task and categories (default: survival if a time column is set, else binary).")] = None,
+    study: Annotated[Path | None, typer.Option("--study", help=escape("Also check the labels against this study's task and the categorical levels its [data.categories] agrees. Without it only the task-independent checks run."))] = None,
 ) -> None:
     """Check the site's data against the contract, locally; nothing is sent anywhere."""
     config = load_site(site)
     if study is not None:
         s = load_study(study)
         task, categories = s.task, s.categories
-    else:
-        task, categories = ("survival" if config.data.time else "binary"), {}
+        scope = f"{task} task of study '{s.name}'"
+    else:  # a site serves several studies of several tasks: no guess at one
+        task, categories = None, {}
+        scope = "task-independent checks only; give --study to check labels against a study's task"
     data = load_site_data(config, task, categories)
-    console.print(f"[green]OK[/] site '{config.name}': {data.n_train} train / {data.n_test} test rows, {len(data.feature_names)} features ({task} task)")
+    console.print(tagged("OK", "green", f"site '{config.name}': {data.n_train} train / {data.n_test} test rows, {len(data.feature_names)} features ({scope})"))
     if config.data.tables:
         console.print(f"  {len(config.data.tables)} tables joined on the patient id; {len(data.omics_features)} omics features ({data.join_dropped} patient(s) dropped by the join)")
     for warning in data.warnings:
-        console.print(f"[yellow]warning[/] {warning}")
+        console.print(tagged("warning", "yellow", warning))
 
 
 def ledger_show_command(
@@ -90,7 +93,7 @@ def approve_command(
     task_data = load_site_data(config, s.task, s.categories)  # the site's data fits this study
     digest = code_digest or code_digest_of_project(PROJECT_ROOT)
     record = approve(study, config, digest, runs=runs, resumes=resumes)
-    console.print(f"[green]approved[/] study '{record.study}' for site '{config.name}' ({task_data.n_train} train / {task_data.n_test} test rows)")
+    console.print(tagged("approved", "green", f"study '{record.study}' for site '{config.name}' ({task_data.n_train} train / {task_data.n_test} test rows)"))
     console.print(f"  {record.runs} run(s), {record.resumes} attempt(s) each (first + resumes)")
     console.print(f"  study sha256 {record.study_sha256}\n  code  sha256 {record.code_sha256}\n  recorded in {approvals_path(config)}")
     if s.privacy.dp and config.privacy is not None:
@@ -110,7 +113,7 @@ def node_command(
 
     plan = prepare_node(kit, site, port=port, fast=not stock, rejoin_wait_s=REJOIN_WAIT_S if rejoin_wait is None else rejoin_wait, proxy=proxy)
     approved = read_approvals_count(plan.approvals)
-    console.print(f"[green]OK[/] kit, certificates, server TLS and site data checked for site '{plan.site.name}'")
+    console.print(tagged("OK", "green", f"kit, certificates, server TLS and site data checked for site '{plan.site.name}'"))
     console.print(f"node dials {plan.kit.server_address}; {approved} approved stud{'y' if approved == 1 else 'ies'} in {plan.approvals}; privacy ledger {plan.ledger or 'none (no [privacy] section: DP studies will be refused)'}")
     console.print(f"  outbound: {plan.kit.server_address} {plan.route.describe()}", markup=False, soft_wrap=True)
     raise typer.Exit(run_node(plan))
@@ -129,6 +132,10 @@ def audit_verify_command(
     summary = verify(log)
     kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(summary.kinds.items())) or "no messages"
     console.print(
-        f"[green]OK[/] {summary.path}: {summary.entries} entries intact ({kinds}); "
-        f"site(s) {', '.join(summary.sites) or '-'}; studies {', '.join(summary.studies) or '-'}; head {summary.head}"
+        tagged(
+            "OK",
+            "green",
+            f"{summary.path}: {summary.entries} entries intact ({kinds}); "
+            f"site(s) {', '.join(summary.sites) or '-'}; studies {', '.join(summary.studies) or '-'}; head {summary.head}",
+        )
     )

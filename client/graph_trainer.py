@@ -26,7 +26,7 @@ from torch_geometric.nn.dense.linear import Linear as PyGLinear
 from client.privacy.budget import DPRound
 from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
 from client.privacy.randomness import SecureRandom
-from client.trainer import _optimizer, derived_seed, dp_random, plain_steps
+from client.trainer import _optimizer, derived_seed, dp_random, plain_steps, reference_metrics
 from shared.errors import ConfigError
 from shared.gnn import DenseBatch, DenseView, MoleculeGNN, dense_batch, sparse_batch
 from shared.metrics import multitask_metrics, task_metrics
@@ -107,13 +107,15 @@ def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRou
 
 @torch.no_grad()
 def evaluate_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, split: str = "test") -> tuple[float, dict[str, float | None]]:
-    """Loss and task metrics (per-task ROC/PR AUC for multitask) on the site's ``split``."""
+    """Loss and task metrics (per-task ROC/PR AUC for multitask) on the site's ``split``, with their references on the test split."""
     graphs, y = (data.graphs_test, data.y_test) if split == "test" else (data.graphs_train, data.y_train)
     model.eval()
     output = model(*sparse_batch(graphs))
     target = torch.from_numpy(np.asarray(y, dtype=np.float32))
     loss = float(loss_for(plan.task)(output, target))
     score = predict(plan.task, output).numpy().astype(np.float64)
-    if plan.task == "multitask":
-        return loss, multitask_metrics(y, score, list(data.labels))
-    return loss, task_metrics(plan.task, y, score)
+    names = list(data.labels) if plan.task == "multitask" else None
+    metrics = multitask_metrics(y, score, names) if plan.task == "multitask" else task_metrics(plan.task, y, score)
+    if split == "test":
+        metrics |= reference_metrics(plan, data.site, data.y_train, y, score, names)
+    return loss, metrics

@@ -33,6 +33,7 @@ from shared.contract import load_site_data
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import flower_process_env
 from shared.kits import read_kit
+from shared.ports import require_free_port
 from shared.pki import (
     CertificateError,
     check_issued_by,
@@ -150,6 +151,7 @@ class NodePlan:
     launcher: list[str] | None = None  # fast mode: the warm ClientApp launcher beside the SuperNode
     rejoin_wait_s: float = REJOIN_WAIT_S  # how long a refused activation is retried (a restart after a crash)
     route: Route = DIRECT  # how the node reaches the server (an outbound HTTP proxy, or directly)
+    flwr_home: Path | None = None  # this node's own FLWR_HOME (the apps it installed), not shared with another node
 
 
 def prepare_node(
@@ -177,6 +179,8 @@ def prepare_node(
     check_kit(kit)
     approvals = approvals_path(site)
     check_site_data(site, read_approvals(approvals))  # the contract, before anything leaves (an unreadable approvals file fails here too)
+    # The SuperNode's Runtime API listens on this loopback port: taken, Flower would end in a traceback.
+    require_free_port("127.0.0.1", port, "another node?", "give this node its own --port")
     route = choose_route(proxy, *split_address(kit.server_address, f"{kit.path}/node.toml server_address"), environ)
     if probe:
         probe_server(kit, proxy=route.proxy)
@@ -198,12 +202,19 @@ def prepare_node(
     launcher = None
     if fast:
         from client.launcher import write_secret_file
+        from client.task_wakeup import new_wake_name
 
         # The node's Runtime API hands out tasks; only holders of this secret may ask (loopback, 0600).
         secret = write_secret_file(approvals.parent / f".{kit.site}.runtime-secret")
+        wake = new_wake_name()  # the SuperNode wakes the launcher when a message arrives (a hint; tasks still need the secret)
+        command[command.index("--fast") + 1 : command.index("--fast") + 1] = ["--wake-name", wake]
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
-        launcher = [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret)]
-    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s), route)
+        launcher = [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret), "--wake-name", wake]
+    # Flower installs each run's app under FLWR_HOME/apps; two nodes sharing one (the default ~/.flwr)
+    # would unpack into the same directory at once, and one could plant code the other runs.
+    flwr_home = approvals.parent / f".{kit.site}.flwr"
+    flwr_home.mkdir(mode=0o700, exist_ok=True)
+    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s), route, flwr_home)
 
 
 def run_node(plan: NodePlan) -> int:
@@ -212,7 +223,7 @@ def run_node(plan: NodePlan) -> int:
     A refused activation is retried for ``plan.rejoin_wait_s``: a node restarted right
     after a crash is refused until the SuperLink lets its previous session expire.
     """
-    env = plan.route.child_env(flower_process_env())  # flower-superexec, flwr-clientapp on PATH; the probe's proxy, loopback direct
+    env = plan.route.child_env(flower_process_env(plan.flwr_home))  # flower-superexec, flwr-clientapp on PATH; the probe's proxy, loopback direct
     # Own process groups: stopping the node stops Flower's SuperExec / the launcher and every ClientApp.
     # The launcher outlives SuperNode retries (it only polls the node's local Runtime API).
     helpers = [subprocess.Popen(plan.launcher, env=env, start_new_session=True)] if plan.launcher else []

@@ -14,7 +14,7 @@ from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
 from client.privacy.randomness import SecureRandom
 from shared.contract import SiteData
 from shared.errors import ConfigError
-from shared.metrics import task_metrics
+from shared.metrics import baseline_metrics, bootstrap_interval, interval_metrics, task_metrics
 from shared.plan import TrainingPlan
 from shared.tasks import loss_for, per_sample_loss, predict
 
@@ -125,7 +125,7 @@ def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SiteData, plan: TrainingPlan, split: str = "test") -> tuple[float, dict[str, float | None]]:
-    """Loss and task metrics of ``model`` on the site's ``split``."""
+    """Loss and task metrics of ``model`` on the site's ``split`` (on the test split, with their references)."""
     if not isinstance(data, SiteData):
         from client.graph_trainer import evaluate_graphs
 
@@ -136,4 +136,20 @@ def evaluate(model: nn.Module, data: SiteData, plan: TrainingPlan, split: str = 
     output = model(torch.from_numpy(x))
     loss = float(loss_for(task, plan.model, plan.model_options.time_bins)(output, torch.from_numpy(y)))
     score = predict(task, output).numpy().astype(np.float64)
-    return loss, task_metrics(task, y, score)
+    metrics = task_metrics(task, y, score)
+    if split == "test":
+        metrics |= reference_metrics(plan, data.site, data.y_train, y, score)
+    return loss, metrics
+
+
+def reference_metrics(plan: TrainingPlan, site: str, y_train: np.ndarray, y_test: np.ndarray, score: np.ndarray, names: list[str] | None = None) -> dict[str, float | None]:
+    """What the model must beat and how sure its score is: the constant predictor's metrics and a bootstrap interval.
+
+    The constant is fit on the training labels; under DP their mean would leave the site
+    outside epsilon, so it is fit on the test labels instead (the best constant there: a
+    stricter reference). The interval's resamples are seeded from (study seed, site), so
+    a rerun reports the same interval.
+    """
+    reference = y_test if plan.privacy.dp else y_train
+    interval = bootstrap_interval(plan.task, y_test, score, seed=derived_seed(plan.seed, site, "bootstrap"))
+    return baseline_metrics(plan.task, reference, y_test, names) | interval_metrics(plan.task, interval)

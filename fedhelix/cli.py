@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 
 import typer
-from rich.console import Console
-
+from rich.markup import escape
 from client.cli import approve_command, audit_verify_command, check_site_command, ledger_show_command, node_command
-from server.cli import partition_command, provision_command, run_command, server_command, simulate_command
+from server.cli import partition_command, provision_command, run_command, server_command, simulate_command, status_command
 from shared.errors import FedhelixError
+from shared.terminal import plain_console, tagged
 
 app = typer.Typer(
     name="fedhelix",
@@ -19,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 # Typer 0.20 does not print argument help, so each command's text names its argument.
+# Typer reads help texts as rich markup: a text naming a [section] goes through escape().
 app.command(
     "simulate",
     help="Researchers: run a study as a simulated federation on this machine. STUDY is the study file "
@@ -34,7 +35,9 @@ app.command(
     help="Hospital IT: check the data described by the site file SITE against the contract, offline; nothing is sent.",
 )(check_site_command)
 ledger_app = typer.Typer(help="Hospital IT: the site's privacy ledger (every DP round spent on its data).", no_args_is_help=True)
-ledger_app.command("show", help="Print the privacy ledger of the site file SITE: history, epsilon spent, budget remaining.")(ledger_show_command)
+ledger_app.command(
+    "show", help=escape("Print the privacy ledger named in the [privacy] section of the site file SITE: history, epsilon spent, budget remaining.")
+)(ledger_show_command)
 app.add_typer(ledger_app, name="ledger")
 app.command(
     "provision",
@@ -44,13 +47,20 @@ app.command(
 app.command(
     "server",
     help="Consortium admin: start the SuperLink (TLS, SuperNode authentication, persistent state) on loopback "
-    "behind the gateway that exposes only the Fleet API to sites.",
+    "behind the gateway that exposes only the Fleet API to sites, and the admin listener that serves the Control "
+    "API to the admin's certificate alone.",
 )(server_command)
 app.command(
     "run",
-    help="Consortium admin: sign the study file STUDY with the admin key, submit it to the running server, "
-    "stream progress and write report.json/report.html as a simulation does.",
+    help="Consortium admin: sign the study file STUDY with the admin key, submit it to the running server "
+    "(from any machine, through the server's admin listener), stream progress and write report.json/report.html "
+    "as a simulation does.",
 )(run_command)
+app.command(
+    "status",
+    help="Consortium admin: from any machine holding the admin kit, list the sites registered and online, the runs "
+    "and their status (through the server's admin listener), and the newest local run directory's last round.",
+)(status_command)
 app.command(
     "approve",
     help="Hospital IT: approve the study file STUDY (as it is now) with this version of the code; the node "
@@ -74,7 +84,7 @@ def main() -> None:
     try:
         app()
     except FedhelixError as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {err.line}", highlight=False, soft_wrap=True)
+        plain_console(stderr=True).print(tagged("error:", "bold red", err.line))  # the line as written: fixes name [sections]
         sys.exit(2)
 
 

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from shared.metrics import PRIMARY
 from shared.paths import DEFAULT_STUDY
+from shared.terminal import plain_console, tagged
 
-console = Console()
+console = plain_console()  # prints study names, paths and Flower's log lines as written
 
 
 def simulate_command(
@@ -35,23 +36,56 @@ def simulate_command(
 
 
 def print_summary(report: dict) -> None:
-    """The final per-site table in the terminal."""
+    """The final per-site table in the terminal, then the primary metric beside the constant predictor's, and every site where the model is not better."""
     task = report["study"]["task"]
     primary = report["primary_metric"]
     metrics = {"binary": ["roc_auc", "pr_auc", "accuracy", "sensitivity", "specificity"], "regression": ["rmse", "mae", "pearson_r"], "survival": ["c_index"], "multitask": ["roc_auc", "pr_auc"]}[task]
-    short = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "c_index": "C-index", "rmse": "RMSE", "mae": "MAE", "pearson_r": "r"}
     table = Table(title=f"{report['study']['name']}: final global model on each site's test split")
     table.add_column("site", no_wrap=True)
     for header in ["train", "test", *metrics]:
-        table.add_column(short.get(header, header), justify="right")
-    fmt = lambda v: "n/a" if v is None else f"{v:.3f}"
+        table.add_column(SHORT.get(header, header), justify="right")
     for name, row in report["final"]["sites"].items():
-        table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[fmt(row.get(m)) for m in metrics])
-    table.add_row("[bold]mean", "", "", *[fmt(report["final"]["mean"].get(m)) for m in metrics])
+        table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[_fmt(row.get(m)) for m in metrics])
+    table.add_row(Text("mean", style="bold"), "", "", *[_fmt(report["final"]["mean"].get(m)) for m in metrics])
     console.print(table)
+    if report.get("baseline"):  # reports written before baselines have none
+        print_baseline(report["baseline"])
     best = "higher" if PRIMARY[task][1] else "lower"
     out = Path(report.get("run_dir", "."))
-    console.print(f"Primary metric: {primary} ({best} is better). Report: [bold]{out / 'report.html'}[/] and report.json")
+    console.print(Text.assemble(f"Primary metric: {primary} ({best} is better). Report: ", (str(out / "report.html"), "bold"), " and report.json"))
+
+
+SHORT = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivity": "sens", "specificity": "spec", "c_index": "C-index", "rmse": "RMSE", "mae": "MAE", "pearson_r": "r"}
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def print_baseline(review: dict) -> None:
+    """Model vs the constant predictor with each site's bootstrap interval; every flag and caution in words."""
+    from server.baseline_review import interval_text
+
+    if not review["sites"]:
+        return
+    verdict = {True: Text("yes"), False: Text("NO", style="bold red"), None: Text("n/a")}
+    binary = any("loss_better" in e for e in review["sites"].values())
+    table = Table(title="against the constant predictor (same test split)")
+    table.add_column("site", no_wrap=True)
+    for header in [SHORT.get(review["metric"], review["metric"]), f"{round(review['ci_level'] * 100)}% CI", "const.", "better?", *(["loss", "const."] if binary else [])]:
+        table.add_column(header, justify="right", no_wrap=True)
+    rows = [(Text(name), e, interval_text(e, review["ci_resamples"], digits=2)) for name, e in review["sites"].items()]
+    for name, e, interval in [*rows, (Text("mean", style="bold"), review["mean"], "")]:
+        losses = [_fmt(e.get("loss")), _fmt(e.get("baseline_loss"))] if binary else []
+        table.add_row(name, _fmt(e["model"]), interval, _fmt(e["baseline"]), verdict[e["better"]], *losses)
+    console.print(table)
+    for flag in review["flags"]:
+        console.print(tagged("not better than baseline:", "bold red", flag))
+    for caution in review.get("cautions", []):
+        console.print(tagged("caution:", "yellow", caution))
+    if not review["flags"]:
+        console.print(Text("The final model is better than the constant predictor at every site and on the mean.", style="green"))
+    console.print(Text("CI: percentile bootstrap at each site (when not all resamples had the metric defined: how many did); the mean has none.", style="dim"))
 
 
 # --------------------------------------------------------------------------- deployment
@@ -68,21 +102,21 @@ def provision_command(
 
     if add_site:
         kit = add_one_site(out, add_site)
-        console.print(f"[green]added[/] site kit {kit}; restart `fedhelix server` (or it registers the key at next start) and hand the kit to the site")
+        console.print(tagged("added", "green", f"site kit {kit}; restart `fedhelix server` (or it registers the key at next start) and hand the kit to the site"))
         return
     if consortium is None:
         raise typer.BadParameter("give the consortium file, or --add-site NAME with --out of an existing consortium")
     config = load_consortium(consortium)
     kits = provision(config, out)
     for kit in kits:
-        console.print(f"[green]wrote[/] {kit}")
+        console.print(tagged("wrote", "green", str(kit)))
     console.print(f"Keep {out / 'ca'} offline (the CA key). Give each site only its own directory.")
 
 
 def server_command(
     kit: Annotated[Path, typer.Option("--kit", help="The server kit directory written by `fedhelix provision` (kits/server).")],
 ) -> None:
-    """Start the consortium server: SuperLink (TLS, node authentication, persistent state) behind the gateway."""
+    """Start the consortium server: SuperLink (TLS, node authentication, persistent state) behind the gateway and the admin listener."""
     import time
 
     from server.deployment import start_server
@@ -96,7 +130,11 @@ def server_command(
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     running = start_server(kit)
     k = running.kit
-    console.print(f"[green]fedhelix server[/] '{k.consortium}': sites dial {k.listen} (Fleet API only); Control API on https://{k.link_address} (this host only)")
+    console.print(tagged("fedhelix server", "green", f"'{k.consortium}': sites dial {k.listen} (Fleet API only)"))
+    if k.admin_listen:
+        console.print(f"admin listener on {k.admin_listen}: Control API for the admin's certificate ({k.admin_cert}) only")
+    else:
+        console.print(f"Control API on https://{k.link_address} (this host only; re-provision for the admin listener)")
     console.print(f"registered sites: {', '.join(k.node_keys())}. Logs: {k.database.parent}/superlink.log, gateway.log. Ctrl-C stops.")
     try:
         while running.superlink.poll() is None and running.gateway.poll() is None:
@@ -124,9 +162,11 @@ def run_command(
 
     def show(line: str) -> None:
         if verbose or any(word in line for word in ("ROUND", "round", "study", "ERROR", "error", "refuse")):
-            console.print(f"[dim]{line}[/]", highlight=False)
+            console.print(line, style="dim")
 
     submission = submit_study(study, kit, out, on_line=show, resume=resume, retry=retry, valid_hours=valid_hours)  # raises with the report's reason unless completed
+    if not submission.report_here:
+        return  # the report stays on the server host; `show` printed where
     report = json.loads((submission.out_dir / "report.json").read_text())
     print_summary(report)
 
@@ -160,4 +200,33 @@ def partition_command(
     console.print(table)
     if result.invalid:
         console.print(f"{result.invalid} SMILES could not be parsed; they stay in the CSVs and the site files skip them (invalid_smiles = \"skip\").")
-    console.print(f"Study: [bold]{result.study}[/]  run it with: fedhelix simulate {result.study}")
+    console.print(Text.assemble("Study: ", (str(result.study), "bold"), f"  run it with: fedhelix simulate {result.study}"))
+
+
+def status_command(
+    kit: Annotated[Path, typer.Option("--kit", help="The admin kit directory (kits/admin).")],
+    runs: Annotated[Path, typer.Option("--runs", help="Where this machine sees run directories (the --out of `fedhelix run`); the newest one's last round is shown.")] = Path("runs"),
+) -> None:
+    """Consortium admin: sites registered and online, runs and their status, and the newest run's last round, from any machine with the admin kit."""
+    from server.status import consortium_status
+
+    status = consortium_status(kit, runs)
+    console.print(f"consortium '{status.kit.consortium}' via {status.kit.address}: {len(status.roster)} site(s) in the roster, {len(status.nodes)} node(s) registered, {status.online} online", soft_wrap=True)
+    nodes = Table(title="nodes (flwr supernode ls)")
+    for header in ("node id", "status", "online since"):
+        nodes.add_column(header)
+    for node in status.nodes:
+        nodes.add_row(str(node.get("node-id")), str(node.get("status")), str(node.get("online-at") or ""))
+    console.print(nodes)
+    runs_table = Table(title="runs, newest first (flwr ls)")
+    for header in ("run id", "status", "submitted", "finished"):
+        runs_table.add_column(header)
+    for run in status.runs:
+        runs_table.add_row(str(run.get("run-id")), str(run.get("status")), str(run.get("pending-at") or ""), str(run.get("finished-at") or ""))
+    console.print(runs_table)
+    local = status.newest_local
+    if local is None:
+        console.print(f"no run directory under {runs} on this machine", soft_wrap=True)
+        return
+    means = ", ".join(f"{k} {v:.3f}" for k, v in local.mean.items()) or "no round finished yet"
+    console.print(f"newest run directory {local.path}: {local.status}, round {local.rounds_done} done; mean over sites: {means}", soft_wrap=True)

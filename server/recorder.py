@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from shared.errors import extract_error_line
-from shared.metrics import PRIMARY
+from shared.metrics import BASELINE, INTERVAL_PREFIXES, PRIMARY
 
 log = logging.getLogger("fedhelix.server")
 
@@ -43,8 +43,13 @@ class SiteInfo:
 
 
 def summarise(per_site: dict[str, dict[str, Any]], weights: dict[str, int]) -> dict[str, dict[str, float]]:
-    """Unweighted mean and example-weighted mean of every metric over the sites that have it."""
-    names = sorted({k for m in per_site.values() for k, v in m.items() if isinstance(v, (int, float)) and k not in ("n",)})
+    """Unweighted mean and example-weighted mean of every metric over the sites that have it.
+
+    Baselines (``baseline_*``) average like the model's metrics. A site's bootstrap interval
+    (``ci_*``) does not: the mean of interval ends is no interval of the mean, so the
+    means carry none.
+    """
+    names = sorted({k for m in per_site.values() for k, v in m.items() if isinstance(v, (int, float)) and k != "n" and not k.startswith(INTERVAL_PREFIXES)})
     mean, weighted = {}, {}
     for name in names:
         pairs = [(m[name], weights.get(site, 0)) for site, m in per_site.items() if isinstance(m.get(name), (int, float))]
@@ -123,5 +128,6 @@ class RunRecorder:
             except Exception as err:  # noqa: BLE001 - a dashboard must never stop a study
                 log.warning("round %d: tracking failed: %s", server_round, err)
         primary, _ = PRIMARY[self.task]
-        value = entry["evaluate"]["mean"].get(primary)
-        log.info("round %d: mean %s over sites = %s", server_round, primary, f"{value:.4f}" if value is not None else "n/a")
+        value, reference = entry["evaluate"]["mean"].get(primary), entry["evaluate"]["mean"].get(BASELINE + primary)
+        shown = f"{value:.4f}" if value is not None else "n/a"
+        log.info("round %d: mean %s over sites = %s%s", server_round, primary, shown, f" (constant predictor {reference:.4f})" if reference is not None else "")

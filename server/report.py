@@ -20,6 +20,7 @@ matplotlib.rcParams["text.parse_math"] = False  # site names are text, never TeX
 import matplotlib.pyplot as plt  # noqa: E402
 
 import shared  # noqa: E402
+from server.baseline_review import MEAN, interval_text, review  # noqa: E402
 from server.recorder import RunRecorder, SiteInfo  # noqa: E402
 from shared.config import StudyConfig  # noqa: E402
 from shared.metrics import PRIMARY  # noqa: E402
@@ -51,6 +52,7 @@ def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], 
         model_options=asdict(study.model_options),
         file=str(study.path) if study.path else None,
     )
+    final = {"sites": final_sites, "mean": last.get("mean", {}), "weighted": last.get("weighted", {})}
     return {
         "fedhelix_version": shared.__version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -64,7 +66,8 @@ def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], 
         "features": plan.features,
         "rounds": recorder.rounds,
         "failures": recorder.failures,
-        "final": {"sites": final_sites, "mean": last.get("mean", {}), "weighted": last.get("weighted", {})},
+        "final": final,
+        "baseline": review(study.task, final, study.privacy.dp),
         "privacy": privacy_summary(study, recorder),
         "model": "model.pt" if has_model else None,
         "timing": {"wall_s": round(time.time() - recorder.started, 2)},
@@ -197,15 +200,24 @@ def _bars(report: dict[str, Any], metric: str) -> str | None:
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     values = [final[n][metric] for n in names]
     bars = ax.bar(names, values, color="#4C72B0")
+    low, high = [final[n].get(f"ci_low_{metric}") for n in names], [final[n].get(f"ci_high_{metric}") for n in names]
+    ranged = [i for i in range(len(names)) if low[i] is not None and high[i] is not None]
+    if ranged:  # each site's bootstrap interval: a small site's width shows
+        ax.errorbar([names[i] for i in ranged], [values[i] for i in ranged], yerr=[[values[i] - low[i] for i in ranged], [high[i] - values[i] for i in ranged]], fmt="none", ecolor="black", capsize=3, lw=1)
+    constant = [(n, final[n][f"baseline_{metric}"]) for n in names if final[n].get(f"baseline_{metric}") is not None]
+    if constant:
+        ax.scatter([n for n, _ in constant], [v for _, v in constant], marker="_", s=500, color="#c62828", zorder=3, label="constant predictor")
     for bar, name in zip(bars, names):
         ax.annotate(f"{final[name][metric]:.3f}\nn={final[name].get('n_test', '?')}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=7)
     mean = report["final"]["mean"].get(metric)
     if mean is not None:
         ax.axhline(mean, color="black", ls="--", lw=1, label=f"mean {mean:.3f}")
+    if mean is not None or constant:
         ax.legend(fontsize=7)
     ax.set_ylabel(METRIC_LABELS.get(metric, metric))
     ax.set_title(f"Final {METRIC_LABELS.get(metric, metric)} per site (test split)")
-    ax.set_ylim(0, max(values) * 1.25 if max(values) > 0 else 1)
+    top = max([*values, *[h for h in high if h is not None]])
+    ax.set_ylim(0, top * 1.25 if top > 0 else 1)
     return _svg(fig)
 
 
@@ -251,6 +263,40 @@ def _table(rows: list[list[Any]], header: list[str]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _na(value: Any) -> Any:
+    return "n/a" if value is None else value
+
+
+def _verdict(better: bool | None) -> str:
+    return "n/a" if better is None else ("better" if better else "NOT better")
+
+
+def _baseline_section(report: dict[str, Any]) -> str:
+    """Model vs the constant predictor per site and on the mean, the interval, and every flag in words."""
+    review = report.get("baseline")
+    if not review or not review["sites"]:
+        return "<p>No final evaluation.</p>"
+    label = METRIC_LABELS.get(review["metric"], review["metric"])
+    binary = any("loss_better" in e for e in review["sites"].values())
+    header = ["site", "n_test", label, f"{round(review['ci_level'] * 100)}% CI", "constant predictor", "verdict"]
+    header += ["test loss", "constant's loss", "loss verdict"] if binary else []
+
+    def row(name: str, e: dict[str, Any], interval: str) -> list[Any]:
+        cells = [name, e.get("n_test", ""), _na(e["model"]), interval, _na(e["baseline"]), _verdict(e["better"])]
+        return cells + ([_na(e.get("loss")), _na(e.get("baseline_loss")), _verdict(e.get("loss_better"))] if binary else [])
+
+    rows = [row(name, e, interval_text(e, review["ci_resamples"])) for name, e in review["sites"].items()]
+    rows.append(row(MEAN, review["mean"], "none (see below)"))
+    if review["flags"]:
+        words = '<ul class="flags">' + "".join(f"<li>{html.escape(flag)}</li>" for flag in review["flags"]) + "</ul>"
+    else:
+        words = '<p class="status completed">The final model is better than the constant predictor at every site and on the mean.</p>'
+    if review.get("cautions"):
+        words += '<ul class="cautions">' + "".join(f"<li>{html.escape(caution)}</li>" for caution in review["cautions"]) + "</ul>"
+    notes = f"<p><small>Reference: {html.escape(review['reference'])}. {html.escape(review['ci_note'])}</small></p>"
+    return _table(rows, header) + words + notes
+
+
 def render_html(report: dict[str, Any]) -> str:
     """A self-contained page (inline SVG, no external assets) that opens offline."""
     study, final = report["study"], report["final"]
@@ -285,7 +331,7 @@ def render_html(report: dict[str, Any]) -> str:
 body{{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}} td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}} td{{font-variant-numeric:tabular-nums}} .status.completed{{color:#1a7f37}} .status.failed{{color:#c62828}}
-.plots{{display:flex;flex-wrap:wrap;gap:1em}} .plots svg{{max-width:100%;height:auto}}
+.flags li{{color:#c62828;font-weight:bold}} .cautions li{{color:#9a6700}} .plots{{display:flex;flex-wrap:wrap;gap:1em}} .plots svg{{max-width:100%;height:auto}}
 </style></head><body>
 <h1>Study <code>{html.escape(study['name'])}</code></h1>
 {banner}
@@ -294,6 +340,8 @@ td:first-child,th:first-child{{text-align:left}} td{{font-variant-numeric:tabula
 Secure aggregation: {'on' if report['secure_aggregation'] else 'off'}. Wall time {report['timing']['wall_s']} s.</p>
 <h2>Final results per site</h2>
 {_table(site_rows, ['site', 'n_train', 'n_test', *[METRIC_LABELS[m] for m in metrics]])}
+<h2>Better than a constant?</h2>
+{_baseline_section(report)}
 <h2>Curves</h2><div class="plots">{''.join(plots)}</div>
 <h2>Failures and refusals</h2>{failures}
 <h2>Privacy</h2>{privacy}

@@ -314,7 +314,7 @@ def _show_progress(metrics_path: Path, study: StudyConfig, stop: threading.Event
 
     primary, _ = PRIMARY[study.task]
     seen = 0
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"), TextColumn("{task.fields[metric]}"), TimeElapsedColumn(), transient=False) as bar:
+    with Progress(TextColumn("{task.description}", style="bold", markup=False), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"), TextColumn("{task.fields[metric]}", markup=False), TimeElapsedColumn(), transient=False) as bar:
         task = bar.add_task(f"{study.name}", total=study.rounds, metric="starting Flower...")
         while True:
             lines = metrics_path.read_text().splitlines() if metrics_path.exists() else []

@@ -76,7 +76,7 @@ def _binary(values: pd.Series) -> bool:
 
 def load_site_data(
     site: SiteConfig,
-    task: str,
+    task: str | None,
     categories: Mapping[str, Sequence[str]] | None = None,
     feature_order: Sequence[str] | None = None,
     pooled: Standardizer | None = None,
@@ -98,6 +98,13 @@ def load_site_data(
     dropped, missing omics values are imputed with the train mean instead of
     dropping the patient. ``scale = False`` skips standardisation (the raw
     values the selection statistics are computed on).
+
+    ``task = None`` applies only the task-independent part of the contract (files,
+    columns, types, missing values, split, join, SMILES), for a site that has no
+    study to check against yet (``fedhelix check-site`` without ``--study``): no
+    label rule of any task, a declared time column checked as survival times, and
+    categorical columns without agreed levels encoded with the site's own levels
+    (a local check; nothing leaves the site).
     """
     spec = site.data
     categories = categories or {}
@@ -123,7 +130,8 @@ def load_site_data(
 
     targets = [spec.label]
     need(spec.label, "label")
-    if task == "survival":
+    survival = task == "survival" or (task is None and bool(spec.time))  # a declared time is checked as one
+    if survival:
         if not spec.time:
             raise err(None, "a survival study needs a time column", 'set [data] time = "..." in the site file')
         need(spec.time, "time")
@@ -158,7 +166,7 @@ def load_site_data(
 
     for column in features:
         if column in spec.categorical:
-            if column not in categories:
+            if column not in categories and task is not None:
                 raise err(
                     column,
                     "categorical column has no agreed levels",
@@ -185,7 +193,7 @@ def load_site_data(
     del floats
     if len(infinite):
         raise err(str(infinite[0]), "contains infinite values", "replace them or remove those rows")
-    if task == "survival":
+    if survival:
         negative = int((frame[spec.time].astype(float) < 0).sum())
         if negative:
             raise err(spec.time, f"{negative} negative survival time(s)", "times must be >= 0 (days since diagnosis)")
@@ -243,6 +251,9 @@ def load_site_data(
         warnings.append(f"only one class of {role} in the train split; training continues but learns little here")
 
     # ---- encode ----------------------------------------------------------------
+    if task is None:  # no study yet: the site's own levels stand in for the agreed ones
+        own = {c: sorted(map(str, _codes(frame[c]).dropna().unique())) for c in spec.categorical if c not in categories}
+        categories = {**categories, **own}
     x_train_frame, names = _encode(train, features, spec.categorical, categories, err)
     x_test_frame, _ = _encode(test, features, spec.categorical, categories, err)
     if feature_order is not None:
@@ -276,9 +287,9 @@ def load_site_data(
         site=site.name,
         feature_names=tuple(names),
         x_train=x_train,
-        y_train=_targets(train, task, spec.label, spec.time),
+        y_train=_targets(train, "survival" if survival else task, spec.label, spec.time),
         x_test=x_test,
-        y_test=_targets(test, task, spec.label, spec.time),
+        y_test=_targets(test, "survival" if survival else task, spec.label, spec.time),
         rows_dropped=dropped,
         warnings=tuple(warnings),
         omics_features=tuple(n for n in names if n in omics),
@@ -304,10 +315,7 @@ def _encode(part: pd.DataFrame, features, categorical, categories, err) -> tuple
             run = []
         if column is not None:
             levels = list(categories[column])
-            values = part[column]
-            if pd.api.types.is_float_dtype(values) and bool((values.dropna() % 1 == 0).all()):
-                values = values.astype("Int64")  # integer codes read as floats because of a NaN
-            values = values.astype("string")
+            values = _codes(part[column])
             unknown = sorted(set(values.dropna()) - set(levels))
             if unknown:
                 raise err(column, f"value(s) {unknown[:3]} not among the study's levels {levels}", "recode them or ask the admin to add the level")
@@ -316,7 +324,14 @@ def _encode(part: pd.DataFrame, features, categorical, categories, err) -> tuple
     return encoded, [str(c) for c in encoded.columns]
 
 
-def _targets(part: pd.DataFrame, task: str, label: str, time: str | None) -> np.ndarray:
+def _codes(values: pd.Series) -> pd.Series:
+    """A categorical column as strings ("2", not "2.0", for integer codes read as floats because of a NaN)."""
+    if pd.api.types.is_float_dtype(values) and bool((values.dropna() % 1 == 0).all()):
+        values = values.astype("Int64")
+    return values.astype("string")
+
+
+def _targets(part: pd.DataFrame, task: str | None, label: str, time: str | None) -> np.ndarray:
     if task == "survival":
         return part[[time, label]].to_numpy(dtype=np.float32)
     return part[label].to_numpy(dtype=np.float32)

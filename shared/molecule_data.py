@@ -63,18 +63,22 @@ def _rows(positions: list[int], frame: pd.DataFrame, column: str, limit: int = 3
     return ", ".join(shown) + (", ..." if len(positions) > limit else "")
 
 
-def load_molecule_data(site: SiteConfig, task: str, frame: pd.DataFrame) -> MoleculeData:
-    """Check, featurise and split a site's molecule table (already read by the contract)."""
+def load_molecule_data(site: SiteConfig, task: str | None, frame: pd.DataFrame) -> MoleculeData:
+    """Check, featurise and split a site's molecule table (already read by the contract).
+
+    ``task = None``: no study's label rules (0/1, one label); several labels are shaped as multitask.
+    """
     spec = site.data
     source = str(spec.path)
 
     def err(column: str | None, problem: str, fix: str):
         return site_error(site.name, source, column, problem, fix)
 
-    if task not in LABEL_TASKS:
+    if task is not None and task not in LABEL_TASKS:
         raise err(None, f"molecule data cannot serve a {task} study", f"use task {', '.join(LABEL_TASKS)}")
     labels = list(spec.labels or (spec.label,))
-    if task != "multitask" and len(labels) != 1:
+    multi = task == "multitask" or (task is None and len(labels) > 1)  # one label column per task
+    if task is not None and not multi and len(labels) != 1:
         raise err(None, f"{len(labels)} label columns for a {task} study", 'give one label, or use task = "multitask"')
     for column in [spec.smiles, *labels]:
         if column not in frame.columns:
@@ -88,7 +92,7 @@ def load_molecule_data(site: SiteConfig, task: str, frame: pd.DataFrame) -> Mole
         values = frame[column].astype(float)
         if np.isinf(values).any():
             raise err(column, "contains infinite values", "replace them or leave the cells empty")
-        if task != "regression":
+        if task in ("binary", "multitask"):
             seen = sorted(set(values.dropna().tolist()) - {0.0, 1.0})
             if seen:
                 raise err(column, f"label must be 0/1 (empty = unknown), found {', '.join(map(str, seen[:5]))}", "recode the label as 0 and 1")
@@ -105,7 +109,7 @@ def load_molecule_data(site: SiteConfig, task: str, frame: pd.DataFrame) -> Mole
 
     # ---- labels: unknown cells ------------------------------------------------------
     y = frame[labels].to_numpy(dtype=np.float32)
-    unknown = np.isnan(y).all(axis=1) if task == "multitask" else np.isnan(y[:, 0])
+    unknown = np.isnan(y).all(axis=1) if multi else np.isnan(y[:, 0])
     dropped = int((unknown & keep).sum())
     if dropped:
         warnings.append(f"dropped {dropped} row(s) without any known label")
@@ -131,7 +135,7 @@ def load_molecule_data(site: SiteConfig, task: str, frame: pd.DataFrame) -> Mole
         train_idx, test_idx = train_test_split(index, test_size=spec.test_fraction, random_state=spec.split_seed, stratify=stratify)
     if len(train_idx) == 0 or len(test_idx) == 0:
         raise err(None, f"the split leaves {len(train_idx)} train and {len(test_idx)} test molecules", "use more molecules or another test_fraction")
-    target = (lambda idx: y[idx]) if task == "multitask" else (lambda idx: y[idx, 0])
+    target = (lambda idx: y[idx]) if multi else (lambda idx: y[idx, 0])
 
     for message in warnings:
         log.warning("site '%s': %s", site.name, message)

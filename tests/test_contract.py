@@ -568,3 +568,30 @@ def test_bundled_tcga_brca_sites_load_with_flamby_sizes():
         assert data.rows_dropped == 0
     assert seen == FLAMBY_SIZES
     assert sum(n for n, _ in seen.values()) + sum(m for _, m in seen.values()) == 1088
+
+
+# ----------------------------------------------------------------------------- task=None: no study to check against yet
+
+
+def test_without_a_task_no_label_rule_applies_but_every_other_check_does(tmp_path):
+    frame = binary_frame()
+    frame["y"] = frame["y"] * 2.5 - 1  # a regression target: not 0/1
+    frame["ward"] = ["a", "b"] * 10
+    site = make_site(write_csv(tmp_path, frame), categorical=["ward"])
+    assert "0/1" in contract_error(site, task="binary", categories={"ward": ["a", "b"]})
+    data = load_site_data(site, None)  # the site's own levels stand in for the study's
+    assert data.n_train + data.n_test == 20 and "ward=a" in data.feature_names and "ward=b" in data.feature_names
+    assert sorted(set(data.y_train.tolist()) | set(data.y_test.tolist())) == [-1.0, 1.5]
+    assert "categorical column has no agreed levels" in contract_error(site, task="regression")  # a study must agree them
+
+    broken = frame.assign(bmi=frame["bmi"].astype(object))
+    broken.loc[3, "bmi"] = "high"
+    assert "is not numeric" in contract_error(make_site(write_csv(tmp_path, broken, "b.csv"), categorical=["ward"]), task=None)
+
+
+def test_without_a_task_a_declared_time_is_checked_as_survival_time(tmp_path):
+    frame = survival_frame().astype({"T": float})
+    frame.loc[[2, 5], "T"] = -3.0
+    path = write_csv(tmp_path, frame)
+    assert "2 negative" in contract_error(make_site(path, label="E", time="T"), task=None)
+    assert "time column not found" in contract_error(make_site(path, label="E", time="days"), task=None)

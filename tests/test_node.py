@@ -113,3 +113,66 @@ def test_a_node_whose_data_does_not_fit_its_approved_study_refuses_to_start_in_o
         prepare_node(kits / "company_1", site_file, probe=False, fast=False)
     line = err.value.line
     assert "approved study 'esol-binary' (binary, model gnn)" in line and "label must be 0/1" in line and "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- the node's own port
+
+
+@pytest.fixture
+def listener():
+    """A real socket listening on a loopback port, as a first node on this host would."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def site_kit(tmp_path: Path, root: Path) -> tuple[Path, Path]:
+    """A provisioned kit for the TCGA-BRCA site 'canada' and its site file (data in the repository)."""
+    from server.provision import ConsortiumConfig, provision
+
+    provision(ConsortiumConfig(name="c", server_address="127.0.0.1:1", sites=("canada",)), tmp_path / "kits")
+    site = tmp_path / "canada.toml"
+    data = root / "data" / "tcga_brca" / "regions" / "canada.csv"
+    site.write_text(f'[site]\nname = "canada"\n[data]\npath = "{data}"\nlabel = "E"\ntime = "T"\ndrop = ["pid"]\nsplit_column = "fold"\n')
+    return tmp_path / "kits" / "canada", site
+
+
+def test_a_second_node_on_the_same_port_is_one_line_naming_the_port(tmp_path: Path, root: Path, listener: int) -> None:
+    from shared.errors import ConfigError
+
+    kit, site = site_kit(tmp_path, root)
+    with pytest.raises(ConfigError, match=rf"port {listener} on this host is in use \(another node\?\); give this node its own --port$"):
+        node.prepare_node(kit, site, port=listener, probe=False)
+    free = node.prepare_node(kit, site, port=listener + 1 if listener < 65535 else listener - 1, probe=False)  # only the port was wrong
+    assert "--port" in free.command
+
+
+def test_fedhelix_node_on_a_taken_port_exits_2_with_one_line(tmp_path: Path, root: Path, listener: int) -> None:
+    import subprocess
+
+    kit, site = site_kit(tmp_path, root)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedhelix.cli", "node", "--kit", str(kit), "--site", str(site), "--port", str(listener)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip() == f"error: port {listener} on this host is in use (another node?); give this node its own --port"
+
+
+def test_each_node_installs_apps_in_its_own_flwr_home(tmp_path: Path, root: Path) -> None:
+    """Two nodes on one host must not unpack runs' apps into one shared FLWR_HOME (a race, and one could plant code for the other)."""
+    import stat
+
+    from server.provision import add_site
+
+    kit, site = site_kit(tmp_path, root)
+    other_kit = add_site(tmp_path / "kits", "denmark")
+    other_site = tmp_path / "denmark.toml"
+    other_site.write_text(site.read_text().replace('name = "canada"', 'name = "denmark"'))
+    first = node.prepare_node(kit, site, port=19094, probe=False)
+    second = node.prepare_node(other_kit, other_site, port=19095, probe=False)
+    assert first.flwr_home is not None and second.flwr_home is not None and first.flwr_home != second.flwr_home
+    assert stat.S_IMODE(first.flwr_home.stat().st_mode) == 0o700

@@ -99,3 +99,5 @@ def test_regression_study_reports_rmse_and_pearson(root: Path, tmp_path: Path) -
     for site in report["final"]["sites"].values():
         assert site["rmse"] < targets.std()  # better than predicting the mean
         assert site["pearson_r"] > 0.5 and site["mae"] <= site["rmse"]
+        assert site["rmse"] < site["baseline_rmse"] and site["ci_low_rmse"] <= site["rmse"] <= site["ci_high_rmse"]  # each site's own reference
+    assert report["baseline"]["flags"] == [] and report["baseline"]["mean"]["better"]
