@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--label", default="NR-AR-LBD", help="a Tox21 assay column, or 'sulfonamide' (synthetic substructure label)")
     parser.add_argument("--molecules", type=int, default=10**6, help="at most this many molecules (all by default)")
     parser.add_argument("--rounds", type=int, default=None, help="override the written study's rounds")
+    parser.add_argument("--balanced", action="store_true", help="also run the written study with its pos_weight = \"balanced\" line uncommented")
+    parser.add_argument("--only-balanced", action="store_true", help="only that variant (no default run)")
     parser.add_argument("--old-defaults", action="store_true", help="also run the recipe partition wrote before (sum pooling, 80 steps, last round)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="fedhelix-bench-rare-"))  # kept: flower.log explains a failure
@@ -106,8 +108,13 @@ def main() -> None:
     figures = {
         f"{key}_prevalence": round(prevalence, 4),
         f"{key}_auc_atom_count": round(float(np.mean(list(atoms.values()))), 4),
-        f"{key}_auc_default": round(run(made.study, work / "run-default")["final"]["mean"]["roc_auc"], 4),
     }
+    if not args.only_balanced:
+        figures[f"{key}_auc_default"] = round(run(made.study, work / "run-default")["final"]["mean"]["roc_auc"], 4)
+    if args.balanced or args.only_balanced:
+        balanced = work / "study" / "balanced-study.toml"
+        balanced.write_text(text.replace('# pos_weight = "balanced"', 'pos_weight = "balanced"'))
+        figures[f"{key}_auc_balanced"] = round(run(balanced, work / "run-balanced")["final"]["mean"]["roc_auc"], 4)
     if args.old_defaults:
         old = work / "study" / "old-study.toml"
         for new, before in OLD_RECIPE.items():
