@@ -10,6 +10,7 @@ import pytest
 
 from server.simulate import simulate
 from shared.config import PersonalizationConfig, load_study
+from shared.models import build_model, federated_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -32,5 +33,10 @@ def test_each_method_reports_personalized_metrics_per_site(method: str, root: Pa
     assert "personalized_roc_auc" in report["final"]["mean"]
     page = (tmp_path / "run" / "report.html").read_text()
     assert "Personalized vs global" in page and f"<b>{method}</b>" in page
-    # the saved global model holds only what was aggregated (site-local parts stay at their initial values)
-    assert json.loads((tmp_path / "run" / "report.json").read_text())["personalization"]["method"] == method
+    # what each site's audit log says left it: only the federated tensors' shapes, in every update
+    model = build_model("mlp", "binary", len(report["features"]), study.model_options, personalization=method)
+    shapes = [list(model.state_dict()[k].shape) for k in federated_keys(model)]
+    for name in block["sites"]:
+        lines = (tmp_path / "run" / "audit" / f"{name}.audit.jsonl").read_text().splitlines()
+        updates = [e for e in map(json.loads, lines) if e["kind"] == "update"]
+        assert updates and all(u["shapes"] == shapes for u in updates)
