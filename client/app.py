@@ -212,7 +212,7 @@ class SiteClient(NumPyClient):
         elif plan.privacy.dp:
             metrics, delta = self._fit_private(plan, data, model, parameters, server_round)
         elif plan.personalization is not None:  # the personal part stays in the site's store; the delta is the federated part
-            metrics = fit_personal(plan, data, model, parameters, self._store(), server_round)
+            metrics = fit_personal(plan, data, model, self._store(), server_round)
             delta = _delta(model, parameters)
         else:
             metrics = train(model, data, plan, server_round)

@@ -35,7 +35,6 @@ from shared.contract import SiteData
 from shared.errors import ConfigError
 from shared.metrics import BASELINE, INTERVAL_PREFIXES, withhold_small_sample
 from shared.models import personal_keys
-from shared.params import NDArrays
 from shared.plan import TrainingPlan
 from shared.tasks import loss_for
 
@@ -82,8 +81,12 @@ def keep_local(model: nn.Module, store: PersonalStore) -> None:
     store.save({k: full[k] for k in personal_keys(model)})
 
 
-def fit_personal(plan: TrainingPlan, data, model: nn.Module, global_weights: NDArrays, store: PersonalStore, server_round: int) -> dict[str, float]:
-    """One round of training with the study's method; the model keeps the global update, the store the personal part."""
+def fit_personal(plan: TrainingPlan, data, model: nn.Module, store: PersonalStore, server_round: int) -> dict[str, float]:
+    """One round of training with the study's method; the model keeps the global update, the store the personal part.
+
+    ``model`` holds the round's global weights on entry (and, for FedBN/FENDA, the
+    initial values of the personal tensors, replaced here by the site's own).
+    """
     method = plan.personal_method
     if method == "fenda":
         restore_local(model, store)
@@ -95,19 +98,18 @@ def fit_personal(plan: TrainingPlan, data, model: nn.Module, global_weights: NDA
         metrics = train(model, data, plan, server_round)
         keep_local(model, store)
         return metrics
-    global_model = copy.deepcopy(model)  # the round's global model, before this site's update
+    if method != "ditto":  # finetune trains as usual; its personal model is made at evaluation
+        return train(model, data, plan, server_round)
+    anchor = [p.detach().clone() for p in model.parameters()]  # the round's global model w_g
+    personal = copy.deepcopy(model)
+    state = store.load()
+    if state:
+        personal.load_state_dict(state)
     metrics = train(model, data, plan, server_round)
-    if method == "ditto":
-        personal = copy.deepcopy(global_model)
-        state = store.load()
-        if state:
-            personal.load_state_dict(state)
-        anchor = [p.detach().clone() for p in global_model.parameters()]
-        ditto = dataclasses.replace(plan, proximal_mu=plan.personalization.lam)
-        personal_metrics = train(personal, data, ditto, server_round, anchor=anchor)
-        store.save(personal.state_dict())
-        metrics |= {f"{PREFIX}train_loss": v for k, v in personal_metrics.items() if k == "train_loss"}
-    return metrics
+    ditto = dataclasses.replace(plan, proximal_mu=plan.personalization.lam)
+    personal_loss = train(personal, data, ditto, server_round, anchor=anchor).get("train_loss")
+    store.save(personal.state_dict())
+    return metrics | ({f"{PREFIX}train_loss": personal_loss} if personal_loss is not None else {})
 
 
 def train_fenda(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int) -> dict[str, float]:
