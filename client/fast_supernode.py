@@ -111,6 +111,29 @@ def apply_short_polls(
     os.environ.setdefault(TASK_POLL_ENV, str(task_s))
 
 
+def wake_launcher_on_message(wake_name: str | None) -> None:
+    """After each message the SuperNode stores (its task created), wake the launcher listening on ``wake_name``.
+
+    Wraps ``_pull_and_store_message`` as found (the approval gate's wrapper, if installed first,
+    still runs inside: the wake-up follows the gate's verdict, it never replaces it).
+    """
+    from client.task_wakeup import WakeSender
+
+    module = _supernode_module()
+    inner = getattr(module, "_pull_and_store_message", None)
+    if inner is None or "_pull_and_store_message(" not in inspect.getsource(module.start_client_internal):
+        raise FlowerInternalsChanged("flwr.supernode.start_client_internal no longer calls `_pull_and_store_message`")
+    sender = WakeSender(wake_name)
+
+    def pull_store_and_wake(*args: object, **kwargs: object) -> object:
+        run_id = inner(*args, **kwargs)
+        if run_id is not None:
+            sender.wake()
+        return run_id
+
+    module._pull_and_store_message = pull_store_and_wake
+
+
 def run_fast_supernode(argv: Sequence[str], *, node_s: float = FAST.node_s, reply_s: float = FAST.reply_s, task_s: float = FAST.task_s) -> None:
     """Run ``flower-supernode ARGV`` (Flower's own main) with short polls; does not return until it exits."""
     from flwr.supernode.cli import flower_supernode

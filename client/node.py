@@ -180,11 +180,14 @@ def prepare_node(
     launcher = None
     if fast:
         from client.launcher import write_secret_file
+        from client.task_wakeup import new_wake_name
 
         # The node's Runtime API hands out tasks; only holders of this secret may ask (loopback, 0600).
         secret = write_secret_file(approvals.parent / f".{kit.site}.runtime-secret")
+        wake = new_wake_name()  # the SuperNode wakes the launcher when a message arrives (a hint; tasks still need the secret)
+        command[command.index("--fast") + 1 : command.index("--fast") + 1] = ["--wake-name", wake]
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
-        launcher = [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret)]
+        launcher = [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret), "--wake-name", wake]
     return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s), route)
 
 

@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--approvals", required=True, type=Path)
     parser.add_argument("--admin-cert", required=True, type=Path)
     parser.add_argument("--fast", action="store_true", help="short polls (client.fast_supernode) instead of Flower's 3 s sleeps")
+    parser.add_argument("--wake-name", help="with --fast: wake the launcher listening on this socket name when a message arrives")
     args = parser.parse_args(ours)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s fedhelix-node: %(message)s"))
@@ -36,9 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     node_gate.install(args.site, args.consortium, args.approvals, load_certificate(args.admin_cert))
 
     if args.fast:
-        from client.fast_supernode import apply_short_polls
+        from client.fast_supernode import apply_short_polls, wake_launcher_on_message
 
         apply_short_polls()
+        wake_launcher_on_message(args.wake_name)
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     sys.argv = ["flower-supernode", *flower]

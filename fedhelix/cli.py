@@ -7,7 +7,7 @@ import sys
 import typer
 from rich.markup import escape
 from client.cli import approve_command, audit_verify_command, check_site_command, ledger_show_command, node_command
-from server.cli import partition_command, provision_command, run_command, server_command, simulate_command
+from server.cli import partition_command, provision_command, run_command, server_command, simulate_command, status_command
 from shared.errors import FedhelixError
 from shared.terminal import plain_console, tagged
 
@@ -47,13 +47,20 @@ app.command(
 app.command(
     "server",
     help="Consortium admin: start the SuperLink (TLS, SuperNode authentication, persistent state) on loopback "
-    "behind the gateway that exposes only the Fleet API to sites.",
+    "behind the gateway that exposes only the Fleet API to sites, and the admin listener that serves the Control "
+    "API to the admin's certificate alone.",
 )(server_command)
 app.command(
     "run",
-    help="Consortium admin: sign the study file STUDY with the admin key, submit it to the running server, "
-    "stream progress and write report.json/report.html as a simulation does.",
+    help="Consortium admin: sign the study file STUDY with the admin key, submit it to the running server "
+    "(from any machine, through the server's admin listener), stream progress and write report.json/report.html "
+    "as a simulation does.",
 )(run_command)
+app.command(
+    "status",
+    help="Consortium admin: from any machine holding the admin kit, list the sites registered and online, the runs "
+    "and their status (through the server's admin listener), and the newest local run directory's last round.",
+)(status_command)
 app.command(
     "approve",
     help="Hospital IT: approve the study file STUDY (as it is now) with this version of the code; the node "

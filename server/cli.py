@@ -131,7 +131,7 @@ def provision_command(
 def server_command(
     kit: Annotated[Path, typer.Option("--kit", help="The server kit directory written by `fedhelix provision` (kits/server).")],
 ) -> None:
-    """Start the consortium server: SuperLink (TLS, node authentication, persistent state) behind the gateway."""
+    """Start the consortium server: SuperLink (TLS, node authentication, persistent state) behind the gateway and the admin listener."""
     import time
 
     from server.deployment import start_server
@@ -145,7 +145,11 @@ def server_command(
     signal.signal(signal.SIGTERM, stop_on_sigterm)
     running = start_server(kit)
     k = running.kit
-    console.print(tagged("fedhelix server", "green", f"'{k.consortium}': sites dial {k.listen} (Fleet API only); Control API on https://{k.link_address} (this host only)"))
+    console.print(tagged("fedhelix server", "green", f"'{k.consortium}': sites dial {k.listen} (Fleet API only)"))
+    if k.admin_listen:
+        console.print(f"admin listener on {k.admin_listen}: Control API for the admin's certificate ({k.admin_cert}) only")
+    else:
+        console.print(f"Control API on https://{k.link_address} (this host only; re-provision for the admin listener)")
     console.print(f"registered sites: {', '.join(k.node_keys())}. Logs: {k.database.parent}/superlink.log, gateway.log. Ctrl-C stops.")
     try:
         while running.superlink.poll() is None and running.gateway.poll() is None:
@@ -176,6 +180,8 @@ def run_command(
             console.print(line, style="dim")
 
     submission = submit_study(study, kit, out, on_line=show, resume=resume, retry=retry, valid_hours=valid_hours)  # raises with the report's reason unless completed
+    if not submission.report_here:
+        return  # the report stays on the server host; `show` printed where
     report = json.loads((submission.out_dir / "report.json").read_text())
     print_summary(report)
 
@@ -210,3 +216,32 @@ def partition_command(
     if result.invalid:
         console.print(f"{result.invalid} SMILES could not be parsed; they stay in the CSVs and the site files skip them (invalid_smiles = \"skip\").")
     console.print(Text.assemble("Study: ", (str(result.study), "bold"), f"  run it with: fedhelix simulate {result.study}"))
+
+
+def status_command(
+    kit: Annotated[Path, typer.Option("--kit", help="The admin kit directory (kits/admin).")],
+    runs: Annotated[Path, typer.Option("--runs", help="Where this machine sees run directories (the --out of `fedhelix run`); the newest one's last round is shown.")] = Path("runs"),
+) -> None:
+    """Consortium admin: sites registered and online, runs and their status, and the newest run's last round, from any machine with the admin kit."""
+    from server.status import consortium_status
+
+    status = consortium_status(kit, runs)
+    console.print(f"consortium '{status.kit.consortium}' via {status.kit.address}: {len(status.roster)} site(s) in the roster, {len(status.nodes)} node(s) registered, {status.online} online", soft_wrap=True)
+    nodes = Table(title="nodes (flwr supernode ls)")
+    for header in ("node id", "status", "online since"):
+        nodes.add_column(header)
+    for node in status.nodes:
+        nodes.add_row(str(node.get("node-id")), str(node.get("status")), str(node.get("online-at") or ""))
+    console.print(nodes)
+    runs_table = Table(title="runs, newest first (flwr ls)")
+    for header in ("run id", "status", "submitted", "finished"):
+        runs_table.add_column(header)
+    for run in status.runs:
+        runs_table.add_row(str(run.get("run-id")), str(run.get("status")), str(run.get("pending-at") or ""), str(run.get("finished-at") or ""))
+    console.print(runs_table)
+    local = status.newest_local
+    if local is None:
+        console.print(f"no run directory under {runs} on this machine", soft_wrap=True)
+        return
+    means = ", ".join(f"{k} {v:.3f}" for k, v in local.mean.items()) or "no round finished yet"
+    console.print(f"newest run directory {local.path}: {local.status}, round {local.rounds_done} done; mean over sites: {means}", soft_wrap=True)

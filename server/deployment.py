@@ -1,10 +1,11 @@
-"""``fedhelix server``: the SuperLink on loopback, the site-facing gateway, the allow-list.
+"""``fedhelix server``: the SuperLink on loopback, the gateway (site and admin listeners), the allow-list.
 
 Three things a consortium server must do that stock Flower OSS leaves open:
 TLS everywhere (the server certificate from the consortium CA), SuperNode
 authentication always on (only provisioned site keys may join), and the Control API
-kept off the site-facing address (see :mod:`server.gateway`). Telemetry and update
-checks are off in every process (:mod:`shared.flower_env`).
+kept off the site-facing address and open only to the admin's certificate (see
+:mod:`server.gateway`, :mod:`server.admin_listener`). Telemetry and update checks are
+off in every process (:mod:`shared.flower_env`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -21,12 +23,14 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import flower_process_env
 from shared.flower_polling import FAST, TASK_POLL_ENV
 from shared.kits import read_kit
+from shared.pki import check_issued_by, check_owner_only, check_validity, load_certificate, split_address
 from shared.ports import require_free_port
-from shared.pki import check_owner_only, check_validity, load_certificate, split_address
 
 CONNECTION = "fedhelix"  # the flwr CLI's name for this server's Control API
 
@@ -40,6 +44,7 @@ class ServerKit:
     listen: str
     link_port: int
     database: Path
+    admin_listen: str | None = None  # the admin listener's bind address; None: a kit from before it (Control on loopback only)
 
     @property
     def ca(self) -> Path:
@@ -54,6 +59,10 @@ class ServerKit:
         return self.path / "server.key"
 
     @property
+    def admin_cert(self) -> Path:
+        return self.path / "admin.crt"
+
+    @property
     def link_address(self) -> str:
         return f"127.0.0.1:{self.link_port}"
 
@@ -64,13 +73,22 @@ class ServerKit:
 def load_server_kit(path: Path) -> ServerKit:
     path, s = read_kit(path, "server.toml", "server", ("consortium", "listen", "link_port", "database"))
     database = Path(str(s["database"]))
-    return ServerKit(path, str(s["consortium"]), str(s["listen"]), int(s["link_port"]), database if database.is_absolute() else path / database)
+    admin_listen = str(s["admin_listen"]) if "admin_listen" in s else None
+    if admin_listen is not None:
+        split_address(admin_listen, f"{path}/server.toml admin_listen")
+    return ServerKit(path, str(s["consortium"]), str(s["listen"]), int(s["link_port"]), database if database.is_absolute() else path / database, admin_listen)
 
 
 def check_server_kit(kit: ServerKit) -> None:
     for what, file in (("consortium CA", kit.ca), ("server certificate", kit.cert)):
         check_validity(load_certificate(file), f"{what} {file}")
     check_owner_only(kit.key, "server key")
+    if kit.admin_listen is not None:  # the one certificate the admin listener lets in: the consortium's, and valid
+        if not kit.admin_cert.is_file():
+            raise ConfigError(f"{kit.path}/server.toml sets admin_listen but {kit.admin_cert} is missing; copy kits/admin/admin.crt there (never admin.key)")
+        admin = load_certificate(kit.admin_cert)
+        check_issued_by(admin, load_certificate(kit.ca), f"admin certificate {kit.admin_cert}")
+        check_validity(admin, f"admin certificate {kit.admin_cert}")
     if not kit.node_keys():
         raise ConfigError(f"{kit.path}/nodes holds no site keys; provision sites first")
 
@@ -101,7 +119,30 @@ def superlink_command(kit: ServerKit) -> list[str]:
 
 def gateway_command(kit: ServerKit) -> list[str]:
     host, port = split_address(kit.listen, f"{kit.path}/server.toml listen")
-    return [sys.executable, "-m", "server.gateway", host, str(port), f"https://{kit.link_address}", str(kit.ca), str(kit.cert), str(kit.key)]
+    command = [sys.executable, "-m", "server.gateway", host, str(port), f"https://{kit.link_address}", str(kit.ca), str(kit.cert), str(kit.key)]
+    if kit.admin_listen is not None:
+        admin_host, admin_port = split_address(kit.admin_listen)
+        command += [admin_host, str(admin_port), str(kit.admin_cert)]
+    return command
+
+
+def wait_listening(host: str, port: int, timeout_s: float, proc: subprocess.Popen) -> None:
+    """The admin listener accepts TCP (no TLS probe: only the admin's key could finish that handshake)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedhelixError(f"the gateway exited with code {proc.returncode} while starting; see gateway.log")
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise FedhelixError(f"the admin listener {host}:{port} did not open within {timeout_s:.0f} s; see gateway.log")
+
+
+def probe_host(host: str) -> str:
+    """Where this host reaches a listener bound to ``host`` (a wildcard bind: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def wait_healthy(url: str, ca: Path, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
@@ -140,7 +181,12 @@ class RunningServer:
     flwr_home: Path
 
     def stop(self) -> None:
-        """Stop the gateway, the SuperLink and every process they started (their process groups)."""
+        """Stop the gateway, the SuperLink and every process they started.
+
+        Flower's SuperExec and the ServerApp it runs leave the SuperLink's process group,
+        so they are found through their parent links first and stopped after it.
+        """
+        started = _descendants(self.gateway, self.superlink)
         for proc in (self.gateway, self.superlink):
             _signal_group(proc, signal.SIGTERM)
         for proc in (self.gateway, self.superlink):
@@ -149,6 +195,27 @@ class RunningServer:
             except subprocess.TimeoutExpired:
                 pass
             _signal_group(proc, signal.SIGKILL)
+        for child in started:
+            try:
+                child.terminate()
+            except psutil.NoSuchProcess:
+                continue
+        _, alive = psutil.wait_procs(started, timeout=10)
+        for child in alive:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
+
+
+def _descendants(*procs: subprocess.Popen) -> list[psutil.Process]:
+    found: list[psutil.Process] = []
+    for proc in procs:
+        try:
+            found += psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
@@ -159,11 +226,14 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 
 
 def check_ports_free(kit: ServerKit) -> None:
-    """The SuperLink's and the gateway's ports are free (taken, the health checks could even reach another server)."""
+    """The SuperLink's, the gateway's and the admin listener's ports are free (taken, the health checks could even reach another server)."""
     toml = kit.path / "server.toml"
     require_free_port("127.0.0.1", kit.link_port, "another fedhelix server?", f"stop it, or set another link_port in {toml}")
     host, port = split_address(kit.listen, f"{toml} listen")
     require_free_port(host, port, "another server?", f"stop it, or set another port in listen of {toml}")
+    if kit.admin_listen is not None:
+        admin_host, admin_port = split_address(kit.admin_listen, f"{toml} admin_listen")
+        require_free_port(admin_host, admin_port, "another server?", f"stop it, or set another port in admin_listen of {toml}")
 
 
 def start_server(kit_path: Path, log_dir: Path | None = None) -> RunningServer:
@@ -187,8 +257,10 @@ def start_server(kit_path: Path, log_dir: Path | None = None) -> RunningServer:
         gate_log = open(log_dir / "gateway.log", "ab")  # noqa: SIM115
         gateway = subprocess.Popen(gateway_command(kit), env=env, stdout=gate_log, stderr=subprocess.STDOUT, start_new_session=True)
         host, port = split_address(kit.listen)
-        probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        wait_healthy(f"https://{probe_host}:{port}/health", kit.ca, 30, gateway)
+        wait_healthy(f"https://{probe_host(host)}:{port}/health", kit.ca, 30, gateway)
+        if kit.admin_listen is not None:
+            admin_host, admin_port = split_address(kit.admin_listen)
+            wait_listening(probe_host(admin_host), admin_port, 30, gateway)
     except BaseException:
         for proc in (gateway, superlink):
             if proc is not None:

@@ -39,6 +39,8 @@ from shared.pki import (
 
 SITE_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789_-")
 DEFAULT_LINK_PORT = 9093  # the SuperLink itself, on loopback only, behind the gateway
+DEFAULT_ADMIN_PORT = 9095  # the admin listener (Control API, mutual TLS with the admin's certificate)
+ADMIN_BIND = "0.0.0.0"  # every address of the server host, as the site gateway; narrow admin_listen in server.toml if wanted
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,7 @@ class ConsortiumConfig:
     link_port: int = DEFAULT_LINK_PORT
     extra_hosts: tuple[str, ...] = ()  # more names for the server certificate
     certificate_days: int = 825
+    admin_address: str = ""  # host:port the admin dials (the admin listener); default: server host, port 9095
 
     @property
     def host(self) -> str:
@@ -59,6 +62,11 @@ class ConsortiumConfig:
     @property
     def port(self) -> int:
         return split_address(self.server_address)[1]
+
+    @property
+    def admin_endpoint(self) -> str:
+        """Where the admin's machine dials the admin listener."""
+        return self.admin_address or f"{self.host}:{DEFAULT_ADMIN_PORT}"
 
 
 def check_site_name(name: str, source: str) -> str:
@@ -79,9 +87,11 @@ def parse_consortium(doc: dict, source: str = "consortium") -> ConsortiumConfig:
         link_port=c.positive("link_port", int, DEFAULT_LINK_PORT),
         extra_hosts=c.strings("extra_hosts"),
         certificate_days=c.positive("certificate_days", int, 825),
+        admin_address=c.get("admin_address", str, ""),
     )
     c.done()
     split_address(config.server_address, f"{source}: [consortium] server_address")
+    admin_port = split_address(config.admin_endpoint, f"{source}: [consortium] admin_address")[1]
     if not config.sites:
         raise ConfigError(f"{source}: [consortium] sites must list at least one site")
     for site in config.sites:
@@ -90,6 +100,8 @@ def parse_consortium(doc: dict, source: str = "consortium") -> ConsortiumConfig:
         raise ConfigError(f"{source}: [consortium] sites lists a site twice")
     if config.port == config.link_port:
         raise ConfigError(f"{source}: [consortium] link_port must differ from the server_address port")
+    if admin_port in (config.port, config.link_port):
+        raise ConfigError(f"{source}: [consortium] the admin_address port ({admin_port}) must differ from the server_address port and link_port")
     if {"ca", "server", "admin"} & set(config.sites):
         raise ConfigError(f"{source}: 'ca', 'server' and 'admin' are kit names, not site names")
     return config
@@ -119,10 +131,10 @@ def provision(config: ConsortiumConfig, out: Path, *, now: dt.datetime | None = 
     ca = create_ca(config.name, not_before=now)
     save_identity(ca, out / "ca" / "ca.crt", out / "ca" / "ca.key")
     _write_toml(out / "ca" / "consortium.toml", "consortium", _consortium_values(config))
-    hosts = sorted({config.host, "127.0.0.1", "localhost", *config.extra_hosts})
+    hosts = sorted({config.host, split_address(config.admin_endpoint)[0], "127.0.0.1", "localhost", *config.extra_hosts})
     server = issue_certificate(ca, f"{config.name} server", server_hosts=hosts, days=config.certificate_days, not_before=now)
     admin = issue_certificate(ca, f"{config.name} admin", client=True, days=config.certificate_days, not_before=now)
-    kits = [_server_kit(config, out / "server", ca, server), _admin_kit(config, out / "admin", ca, admin)]
+    kits = [_server_kit(config, out / "server", ca, server, admin), _admin_kit(config, out / "admin", ca, admin)]
     for site in config.sites:
         kits.append(_site_kit(config, out, site, ca, admin.cert))
     write_roster(out)
@@ -139,6 +151,8 @@ def add_site(out: Path, site: str) -> Path:
     ca = load_identity(out / "ca" / "ca.crt", out / "ca" / "ca.key")
     admin_cert = load_identity(out / "admin" / "admin.crt", out / "admin" / "admin.key").cert
     kit = _site_kit(config, out, site, ca, admin_cert)
+    if not (out / "server" / "admin.crt").exists():  # a server kit from before the admin listener
+        write_public(out / "server" / "admin.crt", cert_pem(admin_cert))
     config = ConsortiumConfig(**{**config.__dict__, "sites": (*config.sites, site)})
     _write_toml(out / "ca" / "consortium.toml", "consortium", _consortium_values(config))
     _write_toml(out / "server" / "server.toml", "server", _server_values(config))
@@ -162,6 +176,7 @@ def _consortium_values(config: ConsortiumConfig) -> dict[str, object]:
         "link_port": config.link_port,
         "extra_hosts": list(config.extra_hosts),
         "certificate_days": config.certificate_days,
+        "admin_address": config.admin_endpoint,
     }
 
 
@@ -170,24 +185,26 @@ def _server_values(config: ConsortiumConfig) -> dict[str, object]:
         "consortium": config.name,
         "listen": f"0.0.0.0:{config.port}",
         "link_port": config.link_port,
+        "admin_listen": f"{ADMIN_BIND}:{split_address(config.admin_endpoint)[1]}",
         "database": "state/superlink.db",
         "sites": list(config.sites),
     }
 
 
-def _server_kit(config: ConsortiumConfig, kit: Path, ca: Identity, server: Identity) -> Path:
+def _server_kit(config: ConsortiumConfig, kit: Path, ca: Identity, server: Identity, admin: Identity) -> Path:
     write_public(kit / "ca.crt", cert_pem(ca.cert))
     save_identity(server, kit / "server.crt", kit / "server.key")
+    write_public(kit / "admin.crt", cert_pem(admin.cert))  # the one certificate the admin listener accepts (never the key)
     _write_toml(kit / "server.toml", "server", _server_values(config))
-    _readme(kit, SERVER_README.format(name=config.name, port=config.port, link=config.link_port))
+    _readme(kit, SERVER_README.format(name=config.name, port=config.port, link=config.link_port, admin=config.admin_endpoint))
     return kit
 
 
 def _admin_kit(config: ConsortiumConfig, kit: Path, ca: Identity, admin: Identity) -> Path:
     write_public(kit / "ca.crt", cert_pem(ca.cert))
     save_identity(admin, kit / "admin.crt", kit / "admin.key")
-    _write_toml(kit / "admin.toml", "admin", {"consortium": config.name, "control_address": f"127.0.0.1:{config.link_port}"})
-    _readme(kit, ADMIN_README.format(name=config.name))
+    _write_toml(kit / "admin.toml", "admin", {"consortium": config.name, "admin_address": config.admin_endpoint})
+    _readme(kit, ADMIN_README.format(name=config.name, admin=config.admin_endpoint))
     return kit
 
 
@@ -216,14 +233,18 @@ certificate and `nodes/*.pub`, the public keys of the sites allowed to connect.
 
 Start: `fedhelix server --kit THIS_DIR`. Sites dial port {port} (open it to the sites' addresses
 only). Only the Fleet API (`/v1/fleet/`) and `/health` are reachable there; the SuperLink itself
-listens on 127.0.0.1:{link} and its Control API is reachable from this host only.
+listens on 127.0.0.1:{link}. The admin dials {admin} (`admin_listen` in server.toml): the Control
+API, only for a client presenting `admin.crt`, the admin's certificate (open it to the admin's
+address only).
 """
 
 ADMIN_README = """# {name}: admin kit
 
 `admin.key` (0600) signs every study you submit; sites refuse runs without a valid signature.
 `roster.json` lists each site's node public key; every signed run carries it.
-Run studies from the server host: `fedhelix run STUDY.toml --kit THIS_DIR`.
+From your own machine: `fedhelix run STUDY.toml --kit THIS_DIR`, `fedhelix status --kit THIS_DIR`.
+They reach the server's admin listener ({admin}) with `admin.crt`/`admin.key` (mutual TLS);
+keep this directory on your machine only.
 """
 
 SITE_README = """# {name}: kit for site '{site}'

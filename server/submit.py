@@ -22,12 +22,13 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.checkpoint import load_checkpoint
-from server.deployment import CONNECTION, flower_env, flwr_home_for
+from server.admin_tunnel import AdminKit, control_home, flwr_json, load_admin_kit  # noqa: F401 - AdminKit, load_admin_kit: re-exported
+from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
+from server.deployment import CONNECTION, flower_env
 from shared.approval import (
     DEFAULT_VALID_HOURS,
     RunManifest,
@@ -39,21 +40,8 @@ from shared.approval import (
 )
 from shared.config import load_study
 from shared.errors import ConfigError, FedhelixError
-from shared.kits import read_kit
 from shared.paths import PROJECT_ROOT
-from shared.pki import check_issued_by, check_validity, load_certificate, load_identity
-
-
-@dataclass(frozen=True)
-class AdminKit:
-    path: Path
-    consortium: str
-    control_address: str
-
-
-def load_admin_kit(path: Path) -> AdminKit:
-    path, a = read_kit(path, "admin.toml", "admin", ("consortium", "control_address"))
-    return AdminKit(path, str(a["consortium"]), str(a["control_address"]))
+from shared.pki import check_issued_by, check_owner_only, check_validity, load_certificate, load_identity
 
 
 log = logging.getLogger("fedhelix.admin")
@@ -111,6 +99,7 @@ class Submission:
     out_dir: Path
     manifest: RunManifest
     returncode: int
+    report_here: bool = True  # False: the admin is off the server host and the run directory is there only
 
 
 def stage_app(fab: bytes, into: Path) -> Path:
@@ -131,14 +120,18 @@ def submit_study(
     resume: Path | None = None,
     retry: Path | None = None,
     valid_hours: float = DEFAULT_VALID_HOURS,
+    run_config: Mapping[str, str | int | float] | None = None,
 ) -> Submission:
     """Sign and submit; streams Flower's log lines to ``on_line``; returns when the run ends.
 
     ``resume``: an interrupted run directory of this study; the ServerApp continues it from its
-    last checkpointed round (the admin runs this on the server host, beside the run directories).
+    last checkpointed round (the run directory is where the ServerApp writes, on the server host;
+    the admin's machine sees it there or through a shared path).
     ``retry``: a run directory of this study that failed before any checkpoint; it starts again
     from round 1. Both re-sign the run's identity with the next attempt number.
     ``valid_hours``: the sites admit the signed run until this many hours from now.
+    ``run_config``: unsigned ServerApp settings sent beside the signed ones (e.g. ``poll-interval``); they
+    cannot replace a signed key.
     """
     if resume is not None and retry is not None:
         raise ConfigError("--resume and --retry both name a run to continue; give one")
@@ -146,6 +139,7 @@ def submit_study(
         raise ConfigError(f"--valid-hours must be more than 0 and at most {MAX_VALID_HOURS:g} (got {valid_hours:g})")
     kit = load_admin_kit(kit_path)
     study = load_study(study_path)  # a broken study file fails here, not at the sites
+    check_owner_only(kit.path / "admin.key", "admin key")
     admin = load_identity(kit.path / "admin.crt", kit.path / "admin.key")
     ca = load_certificate(kit.path / "ca.crt")
     check_issued_by(admin.cert, ca, f"admin certificate {kit.path / 'admin.crt'}")
@@ -156,8 +150,11 @@ def submit_study(
     note = None
     if resume is not None:
         run_dir = Path(resume).resolve()
-        done = load_checkpoint(run_dir, study)  # no checkpoint, or another study's: one line, before anything is sent
-        note = f"resuming study '{study.name}' after round {done.round} of {study.rounds} from {run_dir}"
+        if (run_dir / CHECKPOINT_FILE).exists() or kit.admin_address is None:
+            done = load_checkpoint(run_dir, study)  # no checkpoint, or another study's: one line, before anything is sent
+            note = f"resuming study '{study.name}' after round {done.round} of {study.rounds} from {run_dir}"
+        else:  # an admin off the server host: the checkpoint is there, and the ServerApp checks it before any site is asked
+            note = f"resuming study '{study.name}' from {run_dir} on the server host (its checkpoint is checked there)"
     elif retry is not None:
         run_dir = Path(retry).resolve()
         if run_dir.name != study.name:
@@ -183,20 +180,22 @@ def submit_study(
         study_bytes, fab, kit.consortium, admin.key, nonce=identity.nonce, attempt=identity.attempt, expires=expires, roster=roster
     )
     out_dir.mkdir(parents=True, exist_ok=True)
-    run_config: dict[str, str | int] = {**signed, "out": str(out_dir)}
+    clash = sorted(set(run_config or {}) & (set(signed) | {"out", "resume"}))
+    if clash:
+        raise ConfigError(f"run config key(s) {', '.join(clash)} are set by `fedhelix run` itself")
+    config: dict[str, str | int | float] = {**(run_config or {}), **signed, "out": str(out_dir)}
     if resume is not None:
-        run_config["resume"] = str(run_dir)
+        config["resume"] = str(run_dir)
     write_run_identity(run_dir, identity, expires)
     if on_line is not None:
         if note:
             on_line(note)
         on_line(f"study '{study.name}': signed as run identity {identity.nonce}, attempt {identity.attempt}, valid until {expires}")
-    with tempfile.TemporaryDirectory(prefix="fedhelix-app-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fedhelix-app-") as tmp, control_home(kit, Path(tmp)) as home:
         app = stage_app(fab, Path(tmp) / "app")
-        home = flwr_home_for(kit.path / "ca.crt", kit.control_address, Path(tmp) / "flwr-home")
         command = [
             str(Path(sys.executable).parent / "flwr"), "run", str(app), CONNECTION, "--stream",
-            "--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items()),
+            "--run-config", " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()),
         ]  # fmt: skip
         proc = subprocess.Popen(command, env=flower_env(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         run_id = None
@@ -208,10 +207,20 @@ def submit_study(
             if on_line is not None:
                 on_line(line.rstrip("\n"))
         code = proc.wait(timeout=timeout_s)
+        remote_status = None  # the run's status on the server, when its report is not visible on this machine
+        if code == 0 and not (run_dir / "report.json").exists() and run_id is not None and kit.admin_address is not None:
+            runs = flwr_json(home, ["ls", "--run-id", str(run_id)], f"reading the status of run {run_id}", kit.address).get("runs", [])
+            remote_status = str(runs[0].get("status", "unknown")) if runs else "unknown"
     if code != 0:
-        raise FedhelixError(f"submitting study '{study.name}' to {kit.control_address} failed (flwr exit code {code}); see the lines above")
+        raise FedhelixError(f"submitting study '{study.name}' to {kit.address} failed (flwr exit code {code}); see the lines above")
     # `flwr run --stream` exits 0 even when the ServerApp failed: the report is the verdict.
     report_path = run_dir / "report.json"
+    if not report_path.exists() and remote_status == "finished:completed":
+        if on_line is not None:
+            on_line(f"study '{study.name}' completed (run {run_id}); report.json, report.html and model.pt are on the server host in {run_dir}")
+        return Submission(run_id, run_dir, manifest, code, report_here=False)
+    if not report_path.exists() and remote_status is not None:
+        raise FedhelixError(f"study '{study.name}' ended {remote_status} (run {run_id}); its report is on the server host in {run_dir}")
     if not report_path.exists():
         raise FedhelixError(f"study '{study.name}' ended without a report in {report_path.parent}; see the server's superlink.log")
     report = json.loads(report_path.read_text())

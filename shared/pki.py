@@ -120,6 +120,28 @@ def issue_certificate(
     return Identity(key, builder.sign(ca.key, SIGNATURE_HASH))
 
 
+def self_signed_server(host: str, hours: float = 24.0) -> Identity:
+    """A throwaway self-signed TLS server certificate for ``host`` (the admin's local tunnel: trusted only by its own client)."""
+    key = new_key()
+    start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    name = _name("fedhelix admin tunnel", "fedhelix")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(hours=hours))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_san([host]), critical=False)
+        .sign(key, SIGNATURE_HASH)
+    )
+    return Identity(key, cert)
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -520,6 +520,11 @@ def test_fedhelix_run_signs_a_fresh_identity_and_retry_re_signs_it_with_the_next
     assert again[NONCE_KEY] != first[NONCE_KEY] and again[ATTEMPT_KEY] == 1
     with pytest.raises(RunLimitError):
         check_run("northeast", "demo", again, real_fab, admin_cert, approvals_path(site), 3)
+    tuned = run(run_config={"poll-interval": 0})  # an unsigned ServerApp setting travels beside the signed keys
+    assert tuned["poll-interval"] == 0 and tuned[NONCE_KEY] not in (first[NONCE_KEY], again[NONCE_KEY])
+    for clash in (NONCE_KEY, "out"):  # but never replaces one
+        with pytest.raises(ConfigError, match="set by `fedhelix run` itself"):
+            submit.submit_study(STUDY, tmp_path / "kits" / "admin", tmp_path / "runs", run_config={clash: "x"})
 
     (tmp_path / "kits" / "admin" / "roster.json").unlink()  # an admin kit from before rosters still submits
     assert decode_roster(run()[ROSTER_KEY]) == {} and any("has no roster.json" in line for line in lines)

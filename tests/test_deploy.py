@@ -15,7 +15,7 @@ import typer
 import yaml
 
 from fedhelix.cli import app
-from server.provision import DEFAULT_LINK_PORT, load_consortium
+from server.provision import DEFAULT_ADMIN_PORT, DEFAULT_LINK_PORT, load_consortium
 from shared.flower_env import FLOWER_ENV
 
 
@@ -39,6 +39,7 @@ def test_flower_env_file_sets_what_the_code_sets(root: Path) -> None:
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 GATEWAY_PORT = load_consortium(DEPLOY.parent / "studies" / "consortium-demo" / "consortium.toml").port
 LINK_PORT = DEFAULT_LINK_PORT
+ADMIN_PORT = DEFAULT_ADMIN_PORT
 
 
 def dockerfile(name: str) -> list[tuple[str, str]]:
@@ -120,9 +121,9 @@ def test_dockerfile_runs_the_cli_as_a_non_root_user(name: str, subcommand: str) 
             assert "kits" not in args and ".key" not in args and "approvals" not in args, args
 
 
-def test_only_the_server_image_exposes_a_port_and_it_is_the_gateway() -> None:
+def test_only_the_server_image_exposes_ports_the_gateway_and_the_admin_listener() -> None:
     server = [args for i, args in dockerfile("Dockerfile.server") if i == "EXPOSE"]
-    assert [int(p.split("/")[0]) for a in server for p in a.split()] == [GATEWAY_PORT]
+    assert [int(p.split("/")[0]) for a in server for p in a.split()] == [GATEWAY_PORT, ADMIN_PORT]
     assert not [args for i, args in dockerfile("Dockerfile.node") if i == "EXPOSE"]
     for name in ("Dockerfile.server", "Dockerfile.node"):
         assert not [args for _, args in dockerfile(name) if str(LINK_PORT) in args]  # comments aside
@@ -157,14 +158,15 @@ def compose() -> dict:
     return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
 
 
-def test_compose_publishes_only_the_gateway_and_runs_real_commands() -> None:
+def test_compose_publishes_the_gateway_and_the_admin_listener_and_runs_real_commands() -> None:
     services = compose()["services"]
     assert {"server", "northeast", "south"} <= set(services)
     published = {name: s.get("ports", []) for name, s in services.items()}
-    assert published.pop("server") == [f"{GATEWAY_PORT}:{GATEWAY_PORT}"]
-    assert all(not ports for ports in published.values()), published  # nodes dial out; no Control port
+    assert published.pop("server") == [f"{GATEWAY_PORT}:{GATEWAY_PORT}", f"{ADMIN_PORT}:{ADMIN_PORT}"]
+    assert all(not ports for ports in published.values()), published  # nodes and the admin dial out
     assert str(LINK_PORT) not in json.dumps([s.get("ports", []) + s.get("expose", []) for s in services.values()])
-    assert services["admin"]["network_mode"] == "service:server"  # Control on the server's loopback only
+    assert "network_mode" not in services["admin"] and services["admin"]["networks"] == ["fleet"]  # dials server:9095
+    assert load_consortium(DEPLOY / "compose" / "consortium.toml").admin_endpoint == f"server:{ADMIN_PORT}"
     for name, service in services.items():
         argv = (service.get("entrypoint") or ["fedhelix"]) + service["command"]
         assert check_fedhelix_argv(argv) == {"server": "server", "admin": "run"}.get(name, "node")
@@ -225,7 +227,7 @@ def k8s() -> dict[str, dict]:
     return {doc["kind"]: doc for doc in docs}
 
 
-def test_k8s_server_runs_non_root_and_exposes_only_the_gateway() -> None:
+def test_k8s_server_runs_non_root_and_exposes_only_the_gateway_and_the_admin_listener() -> None:
     docs = k8s()
     assert {"Namespace", "PersistentVolumeClaim", "Deployment", "Service", "NetworkPolicy"} <= set(docs)
     kustomized = set(docs["Kustomization"]["resources"])
@@ -237,11 +239,13 @@ def test_k8s_server_runs_non_root_and_exposes_only_the_gateway() -> None:
     for container in pod["containers"] + pod["initContainers"]:
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    assert [p["containerPort"] for p in server["ports"]] == [GATEWAY_PORT]
+    assert [p["containerPort"] for p in server["ports"]] == [GATEWAY_PORT, ADMIN_PORT]
     service_ports = docs["Service"]["spec"]["ports"]
-    assert [(p["port"], p["targetPort"]) for p in service_ports] == [(GATEWAY_PORT, server["ports"][0]["name"])]
+    assert [(p["port"], p["targetPort"]) for p in service_ports] == [(GATEWAY_PORT, server["ports"][0]["name"]), (ADMIN_PORT, server["ports"][1]["name"])]
     ingress = docs["NetworkPolicy"]["spec"]["ingress"]
-    assert [p["port"] for rule in ingress for p in rule["ports"]] == [GATEWAY_PORT]
+    assert [p["port"] for rule in ingress for p in rule["ports"]] == [GATEWAY_PORT, ADMIN_PORT]
+    assert "/secret/kit/admin.crt" in " ".join(pod["initContainers"][0]["command"])  # the admin listener's one certificate
+    assert "admin.key" not in json.dumps(docs)  # never the admin's key on the server
     assert docs["NetworkPolicy"]["spec"]["egress"] == []
     everything = json.dumps(docs)
     assert f": {LINK_PORT}" not in everything and f'"{LINK_PORT}"' not in everything

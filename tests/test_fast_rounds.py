@@ -294,3 +294,91 @@ def test_idle_polls_back_off_and_work_makes_them_quick_again(monkeypatch: pytest
     sleeps.sleep(0.5)  # waiting for a ClientApp's reply: a message is being handled
     sleeps.sleep(3)
     assert slept == [0.1, 0.2, 0.4, 0.5, 0.02, 0.1]
+
+
+# -- the SuperNode wakes its launcher when a message arrives ----------------------------------
+def test_a_wake_up_ends_the_launchers_wait_at_once_and_only_once() -> None:
+    from client.task_wakeup import WakeListener, WakeSender, new_wake_name
+
+    name = new_wake_name()
+    listener, sender = WakeListener(name), WakeSender(name)
+    try:
+        assert listener.active
+        started = time.monotonic()
+        assert listener.wait(0.05) is False  # nothing sent: the idle poll's timeout
+        assert time.monotonic() - started >= 0.04
+        sender.wake()
+        sender.wake()  # two messages before the launcher looked: one wake-up, then a poll takes both tasks
+        started = time.monotonic()
+        assert listener.wait(5.0) is True
+        assert time.monotonic() - started < 1.0
+        assert listener.wait(0.01) is False  # both consumed
+        assert WakeListener(name).active is False  # the name is taken: a second listener only polls
+        WakeSender(new_wake_name()).wake()  # nobody listening: no error, the launcher polls anyway
+    finally:
+        listener.close()
+    assert WakeListener(None).active is False
+
+
+def test_supernode_wakes_the_launcher_only_after_it_stored_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode import start_client_internal as sci
+
+    from client.task_wakeup import WakeListener, new_wake_name
+
+    answers = iter([None, 42, None])
+    monkeypatch.setattr(sci, "_pull_and_store_message", lambda **_: next(answers))  # restored after the test
+    name = new_wake_name()
+    listener = WakeListener(name)
+    try:
+        fast_supernode.wake_launcher_on_message(name)
+        assert sci._pull_and_store_message() is None  # nothing pulled: no wake-up
+        assert listener.wait(0.05) is False
+        assert sci._pull_and_store_message() == 42  # a message (its task created): wake-up
+        assert listener.wait(1.0) is True
+        assert sci._pull_and_store_message() is None
+        assert listener.wait(0.05) is False
+    finally:
+        listener.close()
+
+
+def test_prepare_node_gives_the_supernode_and_its_launcher_one_fresh_wake_name(tmp_path: Path) -> None:
+    from bench.round_overhead import write_site_file
+    from client.node import prepare_node
+    from tests.e2e.deployed import free_port
+    from server.provision import ConsortiumConfig, provision
+
+    provision(ConsortiumConfig(name="wake", server_address="127.0.0.1:9", sites=("hospital_a",)), tmp_path / "kits")
+    site = write_site_file(tmp_path, "hospital_a")
+
+    def wake_names() -> tuple[str, str]:
+        plan = prepare_node(tmp_path / "kits" / "hospital_a", site, port=free_port(), probe=False)
+        assert plan.launcher is not None
+        node, launcher = (cmd[cmd.index("--wake-name") + 1] for cmd in (plan.command, plan.launcher))
+        assert plan.command.index("--wake-name") < plan.command.index("--")  # ours, not Flower's
+        return node, launcher
+
+    first, second = wake_names(), wake_names()
+    assert first[0] == first[1] and second[0] == second[1]
+    assert first[0] != second[0]  # a fresh, unguessable name each start
+    assert "--wake-name" not in prepare_node(tmp_path / "kits" / "hospital_a", site, port=free_port(), probe=False, fast=False).command
+
+
+def test_child_writes_the_bytecode_of_the_modules_it_compiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without it every task recompiled the whole app (~0.7 s CPU per message) under PYTHONDONTWRITEBYTECODE."""
+    package = tmp_path / "fabapp"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "mod.py").write_text("VALUE = 7\n")
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+
+    def task() -> None:
+        sys.path.insert(0, str(tmp_path))
+        import fabapp.mod
+
+        assert fabapp.mod.VALUE == 7
+
+    pid = fork_task(task)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert any(p.name.startswith("mod.") for p in (package / "__pycache__").glob("*.pyc"))
+    assert sys.dont_write_bytecode is True  # only the child changed

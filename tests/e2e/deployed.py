@@ -90,17 +90,18 @@ def run_fab_as_is(admin_kit: Path, fab: bytes, run_config: Mapping[str, object],
 
     `fedhelix run` cannot send a ``.pyc`` (Flower's FAB rules drop it) nor an old signature; this can.
     """
-    from server.deployment import CONNECTION, flower_env, flwr_home_for
-    from server.submit import load_admin_kit, stage_app
+    from server.admin_tunnel import control_home, load_admin_kit
+    from server.deployment import CONNECTION, flower_env
+    from server.submit import stage_app
 
     kit = load_admin_kit(admin_kit)
     workdir.mkdir(parents=True, exist_ok=True)
     app = stage_app(fab, workdir / "app")  # the CLI reads the app's pyproject.toml; the FAB sent is ``fab`` itself
     (workdir / "app.fab").write_bytes(fab)
-    home = flwr_home_for(kit.path / "ca.crt", kit.control_address, workdir / "flwr-home")
     config = " ".join(f"{key}={json.dumps(value)}" for key, value in run_config.items())
     command = [sys.executable, "-c", _RAW_FAB_RUN, str(workdir / "app.fab"), "run", str(app), CONNECTION, "--stream", "--run-config", config]
-    return subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=timeout)
+    with control_home(kit, workdir) as home:  # through the admin listener, as `fedhelix run`
+        return subprocess.run(command, env=flower_env(home), capture_output=True, text=True, timeout=timeout)
 
 
 def site_error_text(site_file: Path) -> str:

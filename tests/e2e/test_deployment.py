@@ -27,6 +27,7 @@ from client.audit import audit_path, verify
 from client.node import prepare_node, probe_server
 from server.deployment import RunningServer, flower_env, flwr_home_for, start_server
 from server.provision import ConsortiumConfig, add_site, provision
+from server.admin_tunnel import load_admin_kit
 from server.submit import load_roster, submit_study
 from shared.approval import ROSTER_KEY, build_app_fab, code_digest_of_project, decode_roster, expiry_after, new_run_nonce, signed_run_config
 from shared.config import load_site
@@ -72,7 +73,7 @@ class Consortium:
 def consortium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Consortium]:
     root = tmp_path_factory.mktemp("consortium")
     gateway_port = free_port()
-    config = ConsortiumConfig(name="e2e", server_address=f"127.0.0.1:{gateway_port}", sites=SITES, link_port=free_port())
+    config = ConsortiumConfig(name="e2e", server_address=f"127.0.0.1:{gateway_port}", sites=SITES, link_port=free_port(), admin_address=f"127.0.0.1:{free_port()}")
     kits = root / "kits"
     provision(config, kits)
     (root / "sites").mkdir()
@@ -214,6 +215,31 @@ def test_control_api_is_not_reachable_from_the_site_facing_address(consortium: C
         assert reply.status == 200
 
 
+def test_admin_status_and_runs_go_through_the_admin_listener(consortium: Consortium, tmp_path: Path) -> None:
+    admin = load_admin_kit(consortium.kits / "admin")
+    admin_port = int(str(admin.admin_address).rsplit(":", 1)[1])
+    assert admin.control_address is None and admin_port not in (consortium.server.kit.link_port, consortium.gateway_port)  # never the loopback link
+    if consortium.completed is None:  # run alone: complete a run first (submit_study: the same path as `fedhelix run`)
+        run_to_completion(consortium)
+    fedhelix = str(Path(sys.executable).parent / "fedhelix")
+    done = subprocess.run([fedhelix, "status", "--kit", str(consortium.kits / "admin"), "--runs", str(consortium.root / "runs")], capture_output=True, text=True, timeout=180, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"via {admin.admin_address}: 3 site(s) in the roster, 3 node(s) registered, 3 online" in done.stdout, done.stdout
+    assert "finished:completed" in done.stdout
+    assert "deployed-tcga: completed, round 2 done; mean over sites: c_index" in done.stdout, done.stdout
+    # Flower's own CLI, pointed at the admin listener with the CA but without the admin's certificate: refused at the handshake.
+    home = flwr_home_for(consortium.kits / "ca" / "ca.crt", str(admin.admin_address), tmp_path / "flwr")
+    listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "fedhelix"], env=flower_env(home), capture_output=True, text=True, timeout=120)
+    assert listed.returncode != 0 and "finished:completed" not in listed.stdout
+    # The site-facing gateway with the admin's certificate is still Fleet-only.
+    context = ssl.create_default_context(cafile=str(consortium.kits / "ca" / "ca.crt"))
+    context.load_cert_chain(str(consortium.kits / "admin" / "admin.crt"), str(consortium.kits / "admin" / "admin.key"))
+    request = urllib.request.Request(f"https://127.0.0.1:{consortium.gateway_port}/v1/control/list-runs", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, context=context, timeout=10)
+    assert err.value.code == 403
+
+
 def test_unregistered_node_key_is_refused(consortium: Consortium) -> None:
     kit = add_site(consortium.kits, "latecomer")  # provisioned after the server registered its allow-list
     site = write_site(consortium.root / "sites", "latecomer", data="midwest")
@@ -277,3 +303,17 @@ def test_expired_server_certificate_is_refused_by_server_and_node(tmp_path: Path
                 pytest.fail("an expired server certificate was accepted")
     finally:
         gateway.kill()
+
+
+def test_stopping_the_server_stops_every_process_it_started(tmp_path: Path) -> None:
+    import psutil
+
+    config = ConsortiumConfig(name="stop", server_address=f"127.0.0.1:{free_port()}", sites=("northeast",), link_port=free_port())
+    provision(config, tmp_path / "kits")
+    running = start_server(tmp_path / "kits" / "server")
+    try:
+        started = [p for proc in (running.superlink, running.gateway) for p in psutil.Process(proc.pid).children(recursive=True)]
+        assert any("superexec" in " ".join(p.cmdline()) for p in started), [p.cmdline() for p in started]  # Flower's, outside the link's group
+    finally:
+        running.stop()
+    assert not [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -148,7 +148,7 @@ class Federation:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
     root = tmp_path_factory.mktemp("faults")
-    config = ConsortiumConfig(name="faults", server_address=f"127.0.0.1:{free_port()}", sites=SITES, link_port=free_port())
+    config = ConsortiumConfig(name="faults", server_address=f"127.0.0.1:{free_port()}", sites=SITES, link_port=free_port(), admin_address=f"127.0.0.1:{free_port()}")
     provision(config, root / "kits")
     (root / "sites").mkdir()
     (root / "faults").mkdir()

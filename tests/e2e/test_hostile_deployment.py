@@ -62,7 +62,7 @@ class Attacked:
 def attacked(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Attacked]:
     root = tmp_path_factory.mktemp("hostile-consortium")
     gateway_port = free_port()
-    provision(ConsortiumConfig(name="e2e", server_address=f"127.0.0.1:{gateway_port}", sites=SITES, link_port=free_port()), root / "kits")
+    provision(ConsortiumConfig(name="e2e", server_address=f"127.0.0.1:{gateway_port}", sites=SITES, link_port=free_port(), admin_address=f"127.0.0.1:{free_port()}"), root / "kits")
     (root / "sites").mkdir()
     study = root / "sites" / "study.toml"
     study.write_text(STUDY + study_sites(SITES))
