@@ -39,7 +39,7 @@ from server.workflow import ResumableWorkflow
 from shared.approval import STUDY_B64_KEY, decode_study
 from shared.config import StudyConfig, load_study, parse_study
 from shared.errors import FedhelixError
-from shared.models import build_model
+from shared.models import build_model, federated_keys
 from shared.params import get_weights, set_weights
 from shared.paths import resolve_path
 from shared.plan import TrainingPlan
@@ -77,7 +77,7 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         labels = sites[0].labels
         plan = TrainingPlan.from_study(study, features, labels)
         n_outputs = len(labels) if study.task == "multitask" else 1
-        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs)
+        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs, personalization=plan.personal_method)
         params = None
         if study.secure.enabled:
             site_level = study.privacy.dp and study.privacy.level == "site"  # sites send weight 1
@@ -87,19 +87,19 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         if study.omics is not None:  # federated feature selection fixes the feature list (repeated on resume: it must agree)
             features = select_study_features(tapped, context, study, plan, sites, params)
             plan = TrainingPlan.from_study(study, features, labels)
-            model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs)
+            model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs, personalization=plan.personal_method)
         if ckpt is not None:
             plan = resume_state(ckpt, plan, model)
         elif needs_federated_stats(sites):
             pooled = secure_pooled_standardizer(tapped, context, study, plan, sites, params)
             plan = dataclasses.replace(plan, normalization={"mean": pooled.mean.tolist(), "scale": pooled.scale.tolist()})
-        strategy = build_strategy(study, plan, ckpt.weights if ckpt else get_weights(model), recorder)
+        strategy = build_strategy(study, plan, ckpt.weights if ckpt else get_weights(model, federated_keys(model)), recorder)
         checkpointer = Checkpointer(out_dir, study, plan, recorder, strategy, ckpt)
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=study.rounds), strategy=strategy)
         fit_workflow = StrictSecAggPlus(params, timeout=study.secure.timeout_s) if params else None
         ResumableWorkflow(fit_workflow=fit_workflow, start_round=checkpointer.start_round, after_round=checkpointer)(tapped, legacy)
         weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
-        set_weights(model, weights)
+        set_weights(model, weights, federated_keys(model))  # a personalized model's site-local parts stay at their initial values
         final_model = model
         torch.save(
             {"state_dict": model.state_dict(), "features": features, "labels": labels, "plan": plan.to_json(), "study": study.name},

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from shared.config import ModelOptions, PrivacyConfig, StudyConfig
+from shared.config import ModelOptions, PersonalizationConfig, PrivacyConfig, StudyConfig
 
 PLAN_KEY = "fedhelix.plan"
 ROUND_KEY = "fedhelix.round"
@@ -44,6 +44,8 @@ class TrainingPlan:
     # candidate omics features, in the study's order, each site reports statistics for.
     selection: dict = field(default_factory=dict)
     candidates: list[str] = field(default_factory=list)
+    # Study [personalization]: part of what each site approved, so checked like the rest of the plan.
+    personalization: PersonalizationConfig | None = None
 
     @classmethod
     def from_study(cls, study: StudyConfig, features: list[str] | None = None, labels: list[str] | None = None) -> TrainingPlan:
@@ -67,7 +69,13 @@ class TrainingPlan:
             update_bound=study.update_bound,
             stats_bound=study.secure.stats_bound,
             selection=asdict(study.omics) if study.omics else {},
+            personalization=study.personalization,
         )
+
+    @property
+    def personal_method(self) -> str | None:
+        """The study's personalization method, or None."""
+        return self.personalization.method if self.personalization else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -79,4 +87,6 @@ class TrainingPlan:
         privacy = PrivacyConfig(**raw.pop("privacy"))
         opts["hidden"], opts["time_bins"] = tuple(opts["hidden"]), tuple(opts.get("time_bins", ()))
         options = ModelOptions(**opts)
-        return cls(**raw, model_options=options, privacy=privacy)
+        personal = raw.pop("personalization", None)
+        personalization = PersonalizationConfig(**personal) if personal else None
+        return cls(**raw, model_options=options, privacy=privacy, personalization=personalization)
