@@ -15,7 +15,8 @@ from shared.models import build_model, federated_keys
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.parametrize("method", ["finetune", "fedbn", "ditto", "fenda"])
+# fedbn and fenda change what travels; finetune and ditto keep the shapes (tests/test_personalization.py runs all four at the site).
+@pytest.mark.parametrize("method", ["fedbn", "fenda"])
 def test_each_method_reports_personalized_metrics_per_site(method: str, root: Path, tmp_path: Path) -> None:
     base = load_study(root / "studies" / "wdbc" / "study.toml")
     study = dataclasses.replace(base, rounds=1, local_steps=10, personalization=PersonalizationConfig(method, steps=20))
