@@ -38,13 +38,14 @@ from client.secagg_auth import AUTH_KEY
 from client.secagg_mod import Requirements, make_secaggplus_mod, study_requirements
 from shared.secure_aggregation import ProtocolRefused
 from client.site_data import load_for_plan, resolve_site
+from client.personal import PersonalStore, check_private, fit_personal, global_view, personalized_metrics
 from client.trainer import evaluate, train, validation_metrics
 from shared.approval import ATTEMPT_KEY, NONCE_KEY, ROSTER_KEY, decode_roster
 from shared.config import SiteConfig, StudyConfig, load_study
 from shared.contract import SiteData
 from shared.errors import ConfigError, DataContractError, FedhelixError, RequestRefused, error_code, sealed_line, site_error_log
 from shared.metrics import LOSS_WITHHELD, withhold_small_sample
-from shared.models import build_model
+from shared.models import build_model, federated_keys
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
 from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
 from shared.omics import selection_moments
@@ -108,13 +109,19 @@ class SiteClient(NumPyClient):
             check_labels(plan, list(getattr(data, "labels", (self.site.data.label,))), self.site.name)
             if parameters is not None:  # a model: with [omics] top_k, never over more omics features than selected
                 check_selected(plan, len(getattr(data, "omics_features", ())), self.site.name)
-        model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options, n_outputs=len(getattr(data, "labels", ())) or 1)
-        if parameters is not None:
-            expected = [tuple(p.shape) for p in model.state_dict().values()]
-            if [tuple(np.shape(p)) for p in parameters] != expected:
+        n_outputs = len(getattr(data, "labels", ())) or 1
+        model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options, n_outputs=n_outputs, personalization=plan.personal_method)
+        if parameters is not None:  # only the federated tensors travel (a personalized model keeps some at the site)
+            keys = federated_keys(model)
+            state = model.state_dict()
+            if [tuple(np.shape(p)) for p in parameters] != [tuple(state[k].shape) for k in keys]:
                 raise RequestRefused(f"site '{self.site.name}' refused weights whose shapes differ from the approved model's")
-            set_weights(model, parameters)
+            set_weights(model, parameters, keys)
         return data, model
+
+    def _store(self) -> PersonalStore:
+        """Where this run's personal parameters stay between rounds: beside the site's audit log."""
+        return PersonalStore(self.audit.path, self.site.name, self.run)
 
     def get_properties(self, config):
         """Handshake before round 1: counts and encoded feature names, never values."""
@@ -227,6 +234,7 @@ class SiteClient(NumPyClient):
         self._claim(plan, "fit", server_round)
         data, model = self._setup(plan, parameters)
         weight = data.n_train
+        check_private(plan)
         if plan.privacy.dp and plan.privacy.level == "site":
             self._accept_site_level(plan)
             train(model, data, plan, server_round)
@@ -235,6 +243,9 @@ class SiteClient(NumPyClient):
             weight = 1  # central DP-FedAvg averages sites unweighted: the noise is calibrated to S / n_sites
         elif plan.privacy.dp:
             metrics, delta = self._fit_private(plan, data, model, parameters, server_round)
+        elif plan.personalization is not None:  # the personal part stays in the site's store; the delta is the federated part
+            metrics = fit_personal(plan, data, model, self._store(), server_round)
+            delta = _delta(model, parameters)
         else:
             metrics = train(model, data, plan, server_round)
             delta = _delta(model, parameters)
@@ -303,12 +314,14 @@ class SiteClient(NumPyClient):
         server_round = _round(config)
         self._claim(plan, "evaluate", server_round)
         data, model = self._setup(plan, parameters)
-        loss, metrics = evaluate(model, data, plan)
-        if plan.select_best:  # best-round selection: the same model on the validation rows carved from train
-            metrics |= validation_metrics(model, self._setup(plan, validation=True)[0], plan)
+        glob = global_view(plan, data, model)
+        loss, metrics = evaluate(glob, data, plan)
+        if plan.select_best:  # best-round selection: the same global model on the validation rows carved from train
+            metrics |= validation_metrics(glob, self._setup(plan, validation=True)[0], plan)
         released = withhold_small_sample({"loss": loss, **metrics}, data.n_test)
         loss = released.pop("loss")
-        metrics = _scalars({"site": self.site.name, **released, **({LOSS_WITHHELD: 1} if loss is None else {})})
+        personal = personalized_metrics(plan, data, model, self._store(), server_round) if plan.personalization else {}
+        metrics = _scalars({"site": self.site.name, **released, **personal, **({LOSS_WITHHELD: 1} if loss is None else {})})
         self.audit.append(study=plan.study, server_round=server_round, kind="metrics", metrics={"loss": loss, "n": data.n_test, **metrics})
         return (0.0 if loss is None else loss), data.n_test, metrics  # Flower needs a number; the flag says it is none
 
@@ -354,8 +367,8 @@ def public_warning(text: str) -> str:
 
 
 def _delta(model, parameters: NDArrays) -> NDArrays:
-    """What a site shares: its locally trained weights minus the global weights it received."""
-    return subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
+    """What a site shares: its locally trained federated weights minus the global weights it received."""
+    return subtract(get_weights(model, federated_keys(model)), [np.asarray(p, dtype=np.float32) for p in parameters])
 
 
 SiteOf = Callable[[Context], tuple[SiteConfig, StudyConfig, AuditLog]]

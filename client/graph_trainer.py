@@ -38,7 +38,7 @@ from shared.tasks import loss_for, per_sample_loss, predict
 log = logging.getLogger("fedhelix.client")
 
 
-def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None) -> dict[str, float]:
+def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None, anchor: list[torch.Tensor] | None = None) -> dict[str, float]:
     """``plan.local_steps`` optimiser steps on the site's molecules from the global weights."""
     torch.manual_seed(derived_seed(plan.seed, data.site, server_round, "init"))
     generator = torch.Generator().manual_seed(derived_seed(plan.seed, data.site, server_round))
@@ -50,7 +50,7 @@ def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, ser
         noise = dp_random(plan, data.site, server_round, "noise")
         return _train_graphs_dp(model, data, y, plan, dp, optimizer, sampler, noise)
     forward = lambda idx: model(*sparse_batch([graphs[i] for i in idx.tolist()]))  # noqa: E731
-    return plain_steps(model, len(graphs), forward, y, loss_for(plan.task, pos_weight=plan.pos_weight), plan, optimizer, generator)
+    return plain_steps(model, len(graphs), forward, y, loss_for(plan.task, pos_weight=plan.pos_weight), plan, optimizer, generator, anchor)
 
 
 def molecule_layers(model: MoleculeGNN) -> list[nn.Module] | None:

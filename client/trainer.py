@@ -70,10 +70,11 @@ def scaled_steps(plan: TrainingPlan, n_train: int) -> TrainingPlan:
     return dataclasses.replace(plan, local_steps=max(1, math.ceil(plan.local_epochs * n_train / plan.batch_size)))
 
 
-def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None) -> dict[str, float]:
+def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None, anchor: list[torch.Tensor] | None = None) -> dict[str, float]:
     """Run ``plan.local_steps`` optimiser steps (or ``local_epochs`` passes) from the current (global) weights.
 
-    FedProx adds ``mu/2 * ||w - w_global||^2`` to the loss. Shuffling is seeded
+    FedProx adds ``mu/2 * ||w - w_global||^2`` to the loss (Ditto's personal model:
+    ``w_global`` is the ``anchor``, not the starting weights). Shuffling is seeded
     from (study seed, site, round), so a rerun of a study is reproducible.
     With ``dp``, each step is a DP-SGD step on a Poisson-sampled batch.
     """
@@ -81,7 +82,7 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
     if not isinstance(data, SiteData):  # molecules: graphs, per-molecule DP
         from client.graph_trainer import train_graphs
 
-        return train_graphs(model, data, plan, server_round, dp)
+        return train_graphs(model, data, plan, server_round, dp, anchor)
     torch.manual_seed(derived_seed(plan.seed, data.site, server_round, "init"))
     generator = torch.Generator().manual_seed(derived_seed(plan.seed, data.site, server_round))
     x = torch.from_numpy(data.x_train)
@@ -93,15 +94,20 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
         noise = dp_random(plan, data.site, server_round, "noise")
         return _train_dp(model, x, y, plan, dp, optimizer, sampler, noise)
     loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins, plan.pos_weight)
-    return plain_steps(model, len(x), lambda idx: model(x[idx]), y, loss_fn, plan, optimizer, generator)
+    return plain_steps(model, len(x), lambda idx: model(x[idx]), y, loss_fn, plan, optimizer, generator, anchor)
 
 
-def plain_steps(model, n_rows: int, forward: Callable[[torch.Tensor], torch.Tensor], y, loss_fn, plan: TrainingPlan, optimizer, generator: torch.Generator) -> dict[str, float]:
+def plain_steps(
+    model, n_rows: int, forward: Callable[[torch.Tensor], torch.Tensor], y, loss_fn, plan: TrainingPlan, optimizer, generator: torch.Generator,
+    anchor: list[torch.Tensor] | None = None,
+) -> dict[str, float]:  # fmt: skip
     """``plan.local_steps`` ordinary optimiser steps; ``forward(idx)`` is the model's output for those rows.
 
     Shared by tabular and molecule training; FedProx adds its proximal term here.
     """
-    global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
+    global_params = None
+    if plan.proximal_mu > 0:
+        global_params = [p.detach().clone() for p in (model.parameters() if anchor is None else anchor)]
     model.train()
     total, count = 0.0, 0
     for idx in batches(n_rows, plan.batch_size, plan.local_steps, generator):

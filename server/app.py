@@ -41,7 +41,7 @@ from shared.approval import STUDY_B64_KEY, decode_study
 from shared.config import StudyConfig, load_study, parse_study
 from shared.errors import FedhelixError
 from shared.imbalance import set_output_bias
-from shared.models import build_model
+from shared.models import build_model, federated_keys
 from shared.params import get_weights, set_weights
 from shared.paths import resolve_path
 from shared.plan import TrainingPlan
@@ -79,7 +79,7 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         labels = sites[0].labels
         plan = TrainingPlan.from_study(study, features, labels)
         n_outputs = len(labels) if study.task == "multitask" else 1
-        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs)
+        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs, personalization=plan.personal_method)
         params = None
         if study.secure.enabled:
             site_level = study.privacy.dp and study.privacy.level == "site"  # sites send weight 1
@@ -89,7 +89,7 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         if study.omics is not None:  # federated feature selection fixes the feature list (repeated on resume: it must agree)
             features = select_study_features(tapped, context, study, plan, sites, params)
             plan = TrainingPlan.from_study(study, features, labels)
-            model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs)
+            model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs, personalization=plan.personal_method)
         if ckpt is not None:
             plan = resume_state(ckpt, plan, model)
         elif needs_federated_stats(sites):
@@ -101,7 +101,7 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
                 plan = dataclasses.replace(plan, pos_weight=labels_pooled.balanced_pos_weight())
             if study.init_output_bias and ckpt is None:  # before round 1: start at the constant predictor
                 set_output_bias(model, labels_pooled.log_odds())
-        strategy = build_strategy(study, plan, ckpt.weights if ckpt else get_weights(model), recorder)
+        strategy = build_strategy(study, plan, ckpt.weights if ckpt else get_weights(model, federated_keys(model)), recorder)
         checkpointer = Checkpointer(out_dir, study, plan, recorder, strategy, ckpt)
         keeper = BestRoundKeeper(out_dir, study.task, resume=ckpt is not None) if study.select_best else None
         recorder.selected_round = keeper.round if keeper else None
@@ -118,7 +118,7 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         if keeper is not None and keeper.weights is not None:  # the selected round's model, not the last
             weights = keeper.weights
             log.info("best-round selection: round %d of %d (validation %s %.4f)", keeper.round, study.rounds, keeper.metric, keeper.value)
-        set_weights(model, weights)
+        set_weights(model, weights, federated_keys(model))  # a personalized model's site-local parts stay at their initial values
         final_model = model
         torch.save(
             {"state_dict": model.state_dict(), "features": features, "labels": labels, "plan": plan.to_json(), "study": study.name},

@@ -49,6 +49,8 @@ def print_summary(report: dict) -> None:
         table.add_row(name, str(row.get("n_train", "")), str(row.get("n_test", "")), *[_fmt(row.get(m)) for m in metrics])
     table.add_row(Text("mean", style="bold"), "", "", *[_fmt(report["final"]["mean"].get(m)) for m in metrics])
     console.print(table)
+    if report.get("personalization"):
+        print_personalization(report["personalization"])
     if report.get("baseline"):  # reports written before baselines have none
         print_baseline(report["baseline"])
     best = "higher" if PRIMARY[task][1] else "lower"
@@ -61,6 +63,19 @@ SHORT = {"roc_auc": "ROC AUC", "pr_auc": "PR AUC", "accuracy": "acc", "sensitivi
 
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3f}"
+
+
+def print_personalization(block: dict) -> None:
+    """Each site's personalized model beside the global one, on the same test split."""
+    metric = SHORT.get(block["metric"], block["metric"])
+    table = Table(title=f"personalized ({block['method']}) vs global model, same test split")
+    table.add_column("site", no_wrap=True)
+    for header in [f"global {metric}", f"personal {metric}", "global loss", "personal loss"]:
+        table.add_column(header, justify="right")
+    keys = [f"global_{block['metric']}", f"personalized_{block['metric']}", "global_loss", "personalized_loss"]
+    for name, e in [*block["sites"].items(), (Text("mean", style="bold"), block["mean"])]:
+        table.add_row(name, *[_fmt(e.get(k)) for k in keys])
+    console.print(table)
 
 
 def print_baseline(review: dict) -> None:

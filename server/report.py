@@ -69,10 +69,42 @@ def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], 
         "final": final,
         "selected_round": recorder.selected_round,  # select_best: the round whose model is model.pt and "final"
         "baseline": review(study.task, final, study.privacy.dp),
+        "personalization": personalization_summary(study, final),
         "privacy": privacy_summary(study, recorder),
         "model": "model.pt" if has_model else None,
         "timing": {"wall_s": round(time.time() - recorder.started, 2)},
     }
+
+
+PERSONALIZED = "personalized_"
+
+
+def personalization_summary(study: StudyConfig, final: dict[str, Any]) -> dict[str, Any] | None:
+    """Global beside personalized metrics per site (primary metric and test loss), or None without [personalization].
+
+    Sites send ``personalized_<metric>`` beside the global model's ``<metric>``; the personal
+    parameters themselves never left the sites.
+    """
+    if study.personalization is None:
+        return None
+    primary = PRIMARY[study.task][0]
+    pairs = [(m, f"{PERSONALIZED}{m}") for m in (primary, "loss")]
+    rows = {name: {f"global_{m}": s.get(m) for m, _ in pairs} | {p: s.get(p) for _, p in pairs} for name, s in final["sites"].items()}
+    mean = {f"global_{m}": final["mean"].get(m) for m, _ in pairs} | {p: final["mean"].get(p) for _, p in pairs}
+    return {"method": study.personalization.method, "metric": primary, "higher_is_better": PRIMARY[study.task][1], "sites": rows, "mean": mean}
+
+
+def _personalization_section(report: dict[str, Any]) -> str:
+    block = report.get("personalization")
+    if not block:
+        return "<p>No [personalization] in this study: every site uses the global model.</p>"
+    metric = block["metric"]
+    label = METRIC_LABELS.get(metric, metric)
+    header = ["site", f"global {label}", f"personalized {label}", "global test loss", "personalized test loss"]
+    keys = [f"global_{metric}", f"{PERSONALIZED}{metric}", "global_loss", f"{PERSONALIZED}loss"]
+    rows = [[name, *[_na(e.get(k)) for k in keys]] for name, e in [*block["sites"].items(), ("mean over sites", block["mean"])]]
+    note = f"<p>Method <b>{html.escape(block['method'])}</b>: each site's personal parameters stayed at the site; both columns are on the same test split.</p>"
+    return note + _table(rows, header)
 
 
 EPSILON_SCOPE = (
@@ -343,6 +375,8 @@ td:first-child,th:first-child{{text-align:left}} td{{font-variant-numeric:tabula
 Secure aggregation: {'on' if report['secure_aggregation'] else 'off'}. Wall time {report['timing']['wall_s']} s.</p>
 <h2>Final results per site</h2>
 {_table(site_rows, ['site', 'n_train', 'n_test', *[METRIC_LABELS[m] for m in metrics]])}
+<h2>Personalized vs global</h2>
+{_personalization_section(report)}
 <h2>Better than a constant?</h2>
 {_baseline_section(report)}
 <h2>Curves</h2><div class="plots">{''.join(plots)}</div>

@@ -29,6 +29,9 @@ FORMATS = ("table", "smiles")  # smiles: one molecule per row, featurised into a
 INVALID_SMILES = ("error", "skip")
 CONVS = ("graphconv", "gin")
 POOLINGS = ("mean", "add")
+PERSONALIZATION = ("finetune", "fedbn", "ditto", "fenda")
+# Methods that change the model's architecture (norm layers, a local extractor): tabular MLPs only.
+PERSONAL_ARCHITECTURES = ("fedbn", "fenda")
 # Which model names make sense for which task.
 MODELS_FOR_TASK = {
     "binary": ("logistic", "mlp", "gnn"),
@@ -107,6 +110,21 @@ class SitePrivacy:
 
 
 @dataclass(frozen=True)
+class PersonalizationConfig:
+    """The study's ``[personalization]``: a per-site model beside the global one; its parts never leave the site.
+
+    finetune: k steps of the global model on the site's train split at evaluation; fedbn:
+    site-local BatchNorm layers; ditto: a personal model with a proximal term (lambda/2)
+    to each round's global model; fenda: a local feature extractor and head beside the
+    federated extractor.
+    """
+
+    method: str
+    steps: int = 50  # finetune: steps of local fine-tuning before each evaluation
+    lam: float = 0.1  # ditto: weight of the proximal term lambda/2 * ||w_personal - w_global||^2
+
+
+@dataclass(frozen=True)
 class SiteRef:
     """A site taking part in a study, and where its site file is (for simulation)."""
 
@@ -148,6 +166,7 @@ class StudyConfig:
     init_output_bias: bool = True
     select_best: bool = False
     validation_fraction: float = 0.15
+    personalization: PersonalizationConfig | None = None  # study [personalization]: per-site models
 
     @property
     def required_sites(self) -> int:
@@ -287,7 +306,7 @@ def _unknown_tables(doc: dict[str, Any], allowed: set[str], source: str) -> None
 
 def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | None = None) -> StudyConfig:
     """Validate a parsed study document; relative site paths resolve against ``base_dir``."""
-    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation", "robustness", "omics"}, source)
+    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation", "robustness", "omics", "personalization"}, source)
     if "study" not in doc:
         raise ConfigError(f"{source}: the [study] section is missing")
     s = _Section(doc.get("study"), "study", source)
@@ -458,6 +477,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         secure=secure,
         robustness=robustness,
         omics=_parse_omics(doc["omics"], source) if "omics" in doc else None,
+        personalization=_parse_personalization(doc["personalization"], source, model, privacy.dp) if "personalization" in doc else None,
     )
 
 
@@ -679,6 +699,27 @@ def _check_table_ids(spec: DataSpec, source: str) -> None:
             raise ConfigError(f"{source}: [tables #{i + 1}] has no id column; set [data] id = \"...\" or id in the table")
         if table.orientation == "genes_by_samples" and table.path.suffix.lower() == ".h5ad":
             raise ConfigError(f"{source}: [tables #{i + 1}] AnnData files are samples x genes; drop orientation")
+
+
+def _parse_personalization(raw: Any, source: str, model: str, dp: bool) -> PersonalizationConfig:
+    """``[personalization]``: refused under DP, where the personal training would spend budget no ledger records."""
+    p = _Section(raw, "personalization", source)
+    config = PersonalizationConfig(
+        method=p.get("method", str, choices=PERSONALIZATION),
+        steps=p.positive("steps", int, 50),
+        lam=p.get("lambda", float, 0.1),
+    )
+    p.done()
+    if config.lam < 0:
+        raise ConfigError(f"{source}: [personalization] lambda must be >= 0")
+    if dp:
+        raise ConfigError(
+            f"{source}: [personalization] is not available with [privacy] dp = true: personal training reads the private "
+            "rows outside the DP-SGD steps the ledger accounts; remove one of the two sections"
+        )
+    if config.method in PERSONAL_ARCHITECTURES and model != "mlp":
+        raise ConfigError(f"{source}: [personalization] method '{config.method}' needs [study] model = \"mlp\" (it adds layers to the MLP), not '{model}'")
+    return config
 
 
 def _parse_omics(raw: Any, source: str) -> OmicsSelection:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from shared.config import ModelOptions, PrivacyConfig, StudyConfig
+from shared.config import ModelOptions, PersonalizationConfig, PrivacyConfig, StudyConfig
 
 PLAN_KEY = "fedhelix.plan"
 ROUND_KEY = "fedhelix.round"
@@ -52,6 +52,8 @@ class TrainingPlan:
     local_epochs: float = 0.0
     select_best: bool = False
     validation_fraction: float = 0.15
+    # Study [personalization]: part of what each site approved, so checked like the rest of the plan.
+    personalization: PersonalizationConfig | None = None
 
     @classmethod
     def from_study(cls, study: StudyConfig, features: list[str] | None = None, labels: list[str] | None = None) -> TrainingPlan:
@@ -79,7 +81,13 @@ class TrainingPlan:
             local_epochs=study.local_epochs,
             select_best=study.select_best,
             validation_fraction=study.validation_fraction,
+            personalization=study.personalization,
         )
+
+    @property
+    def personal_method(self) -> str | None:
+        """The study's personalization method, or None."""
+        return self.personalization.method if self.personalization else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -91,4 +99,6 @@ class TrainingPlan:
         privacy = PrivacyConfig(**raw.pop("privacy"))
         opts["hidden"], opts["time_bins"] = tuple(opts["hidden"]), tuple(opts.get("time_bins", ()))
         options = ModelOptions(**opts)
-        return cls(**raw, model_options=options, privacy=privacy)
+        personal = raw.pop("personalization", None)
+        personalization = PersonalizationConfig(**personal) if personal else None
+        return cls(**raw, model_options=options, privacy=privacy, personalization=personalization)
