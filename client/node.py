@@ -220,8 +220,9 @@ def prepare_node(
 def run_node(plan: NodePlan) -> int:
     """Run the SuperNode in the foreground; translate Flower's exit codes into one line.
 
-    A refused activation is retried for ``plan.rejoin_wait_s``: a node restarted right
-    after a crash is refused until the SuperLink lets its previous session expire.
+    A refused activation is retried for ``plan.rejoin_wait_s`` from the first refusal (not from
+    the start, which a slow host spends importing): a node restarted right after a crash is
+    refused until the SuperLink lets its previous session expire.
     """
     env = plan.route.child_env(flower_process_env(plan.flwr_home))  # flower-superexec, flwr-clientapp on PATH; the probe's proxy, loopback direct
     # Own process groups: stopping the node stops Flower's SuperExec / the launcher and every ClientApp.
@@ -239,14 +240,16 @@ def run_node(plan: NodePlan) -> int:
         stop_all()
 
     previous = signal.signal(signal.SIGTERM, on_sigterm)
-    deadline = time.monotonic() + plan.rejoin_wait_s
+    deadline: float | None = None  # set at the first refusal
     refused, code = False, 0
     try:
         while True:
             proc = subprocess.Popen(plan.command, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             running[:] = [proc]
             code, refused = _pass_through(proc)
-            remaining = deadline - time.monotonic()
+            if refused and deadline is None:
+                deadline = time.monotonic() + plan.rejoin_wait_s
+            remaining = (deadline or 0.0) - time.monotonic()
             if not refused or stopping.is_set() or remaining <= 0:
                 break
             print(
