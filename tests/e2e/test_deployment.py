@@ -236,7 +236,7 @@ def test_admin_status_and_runs_go_through_the_admin_listener(consortium: Consort
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"via {admin.admin_address}: 3 site(s) in the roster, 3 node(s) registered, 3 online" in done.stdout, done.stdout
     assert "finished:completed" in done.stdout
-    assert "deployed-tcga: completed, round 2 done; mean over sites: c_index" in done.stdout, done.stdout
+    assert "deployed-tcga: completed, round 2 done; mean over sites: " in done.stdout and " c_index " in done.stdout, done.stdout  # the fetched metrics
     # Flower's own CLI, pointed at the admin listener with the CA but without the admin's certificate: refused at the handshake.
     home = flwr_home_for(consortium.kits / "ca" / "ca.crt", str(admin.admin_address), tmp_path / "flwr")
     listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "fedhelix"], env=flower_env(home), capture_output=True, text=True, timeout=120)
