@@ -120,7 +120,7 @@ def flwr_json(home: Path, args: list[str], what: str, address: str) -> dict:
     return doc
 
 
-def fetch_results(kit: AdminKit, nonce: str, into: Path) -> list[str]:
+def fetch_results(kit: AdminKit, nonce: str, into: Path, names: tuple[str, ...] = RESULT_FILES) -> list[str]:
     """Copy run ``nonce``'s result files from the server's admin listener into ``into``; the names fetched.
 
     A file the run did not write (e.g. ``model.pt`` of a failed run) is skipped. A kit from
@@ -132,7 +132,7 @@ def fetch_results(kit: AdminKit, nonce: str, into: Path) -> list[str]:
     into.mkdir(parents=True, exist_ok=True)
     try:
         with httpx.Client(base_url=f"https://{kit.admin_address}", verify=admin_client_context(kit), timeout=httpx.Timeout(60.0)) as client:
-            for name in RESULT_FILES:
+            for name in names:
                 with client.stream("GET", f"/fedhelix/v1/runs/{nonce}/{name}") as reply:
                     if reply.status_code == 404:
                         continue

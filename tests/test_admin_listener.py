@@ -89,6 +89,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = root / "runs" / "study-a" / NONCE
     run.mkdir(parents=True)
     (run / "report.json").write_text('{"status": "completed"}')
+    (run / "metrics.jsonl").write_text('{"round": 1, "evaluate": {"mean": {"c_index": 0.6}}}\n{"round": 2, "evaluate": {"mean": {"c_index": 0.7}}}\n')
     (run / "model.pt").write_bytes(bytes(range(256)) * 64)
     (run / "checkpoint.pt").write_bytes(b"server only")
     (root / "secret.txt").write_text("not for the admin")
@@ -377,7 +378,29 @@ def test_the_admin_side_fetch_copies_the_runs_files_into_the_local_run_directory
     os.chmod(admin / "admin.key", 0o600)
     (admin / "admin.toml").write_text(f'[admin]\nconsortium = "adm"\nadmin_address = "127.0.0.1:{admin_port}"\n')
     local = tmp_path / "runs" / "study-a"
-    assert fetch_results(load_admin_kit(admin), NONCE, local) == ["report.json", "model.pt"]
+    assert fetch_results(load_admin_kit(admin), NONCE, local) == ["report.json", "metrics.jsonl", "model.pt"]
     assert (local / "model.pt").read_bytes() == (runs / "study-a" / NONCE / "model.pt").read_bytes()
-    assert sorted(p.name for p in local.iterdir()) == ["model.pt", "report.json"]  # no checkpoint, no partial files
+    assert sorted(p.name for p in local.iterdir()) == ["metrics.jsonl", "model.pt", "report.json"]  # no checkpoint, no partial files
     assert fetch_results(load_admin_kit(admin), "f" * 32, tmp_path / "none") == []  # an unknown run: nothing
+
+
+def test_status_brings_the_newest_local_run_up_to_date_from_the_server(kits: Path, admin_port: int, tmp_path: Path) -> None:
+    import json
+
+    from server.status import newest_local_run, refresh_from_server
+
+    admin = tmp_path / "admin-kit"
+    admin.mkdir()
+    for name in ("admin.crt", "admin.key", "ca.crt"):
+        (admin / name).write_bytes((kits / "ours" / "admin" / name).read_bytes())
+    os.chmod(admin / "admin.key", 0o600)
+    (admin / "admin.toml").write_text(f'[admin]\nconsortium = "adm"\nadmin_address = "127.0.0.1:{admin_port}"\n')
+    local = tmp_path / "runs" / "study-a"
+    local.mkdir(parents=True)
+    (local / "run-identity.json").write_text(json.dumps({"nonce": NONCE, "attempt": 1, "study_sha256": "x"}))
+    before = newest_local_run(tmp_path / "runs")
+    assert before is not None and (before.rounds_done, before.status) == (0, "running or interrupted")  # nothing fetched yet
+    assert refresh_from_server(load_admin_kit(admin), local) == ["metrics.jsonl", "report.json"]  # never the model, for a status
+    after = newest_local_run(tmp_path / "runs")
+    assert after is not None and (after.rounds_done, after.mean, after.status) == (2, {"c_index": 0.7}, "completed")
+    assert not (local / "model.pt").exists()
