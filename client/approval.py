@@ -1,7 +1,8 @@
 """The site's approvals: which study files, which code, and how many runs of them this node agreed to.
 
 ``fedhelix approve STUDY.toml --site SITE.toml [--runs N] [--resumes M]`` appends one
-record (study digest, code digest, runs, resumes, who and when) to
+record (study digest, code digest, runs, resumes, who and when, and the study's task, model
+and categories, which the node checks its data against at start) to
 ``<site name>.approvals.json`` beside the site file. Before a node runs anything for a new
 Flower run it checks, in order: the app bundle holds only approvable files; the run carries
 a study signed by the consortium admin (manifest v2: study, code, run identity, expiry,
@@ -28,7 +29,7 @@ import tempfile
 import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,10 @@ class Approval:
     runs: int = DEFAULT_RUNS  # distinct run identities (nonces) this approval admits
     resumes: int = DEFAULT_RESUMES  # attempts per run identity (1 = no resume)
     id: str = ""  # records written before ids existed get a stable one from their fields
+    # What the node checks its data against at start (records written before these existed have none).
+    task: str = ""
+    model: str = ""
+    categories: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -148,6 +153,9 @@ def approve(study_path: Path, site: SiteConfig, code_sha256: str, *, runs: int =
         runs=runs,
         resumes=resumes,
         id=secrets.token_hex(8),
+        task=study.task,
+        model=study.model,
+        categories={k: list(v) for k, v in study.categories.items()},
     )
     path = approvals_path(site)
     with locked(path):

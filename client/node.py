@@ -10,6 +10,7 @@ hospital's outbound HTTP proxy when one is set (:mod:`client.proxy`).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -25,9 +26,9 @@ from pathlib import Path
 from cryptography import x509
 
 from client.secagg_auth import AUTH_KEY
-from client.approval import approvals_path, read_approvals
+from client.approval import Approval, approvals_path, read_approvals
 from client.proxy import Proxy, Route, choose_route, open_tunnel
-from shared.config import SiteConfig, load_site
+from shared.config import SiteConfig, check_format, load_site
 from shared.contract import load_site_data
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import flower_process_env
@@ -118,6 +119,28 @@ def probe_server(kit: NodeKit, timeout: float = 10.0, proxy: Proxy | None = None
         raise FedhelixError(f"cannot reach the server at {kit.server_address} ({err.strerror or err}); check the address and the firewall (outbound TCP {port})") from None
 
 
+def check_site_data(site: SiteConfig, approvals: list[Approval]) -> None:
+    """The site's data against the task, model and categories of every study it approved.
+
+    With no approval that records them yet (none, or records from before they were kept),
+    only the task-independent part of the contract is checked: the node cannot know which
+    task its data will serve, and guessing one refuses data that fits its study.
+    """
+    studies: dict[tuple[str, str, str], str] = {}
+    for a in approvals:
+        if a.task:
+            studies.setdefault((a.task, a.model, json.dumps(a.categories, sort_keys=True)), a.study)
+    if not studies:
+        load_site_data(site, None)
+        return
+    for (task, model, categories), name in studies.items():
+        try:
+            check_format(site, model)
+            load_site_data(site, task, json.loads(categories))
+        except FedhelixError as err:
+            raise type(err)(f"the site's data does not fit approved study '{name}' ({task}, model {model}): {err.line}") from None
+
+
 @dataclass(frozen=True)
 class NodePlan:
     kit: NodeKit
@@ -128,6 +151,7 @@ class NodePlan:
     launcher: list[str] | None = None  # fast mode: the warm ClientApp launcher beside the SuperNode
     rejoin_wait_s: float = REJOIN_WAIT_S  # how long a refused activation is retried (a restart after a crash)
     route: Route = DIRECT  # how the node reaches the server (an outbound HTTP proxy, or directly)
+    flwr_home: Path | None = None  # this node's own FLWR_HOME (the apps it installed), not shared with another node
 
 
 def prepare_node(
@@ -153,10 +177,8 @@ def prepare_node(
     if site.name != kit.site:
         raise ConfigError(f"site file {site.path} describes site '{site.name}' but the kit {kit.path} belongs to '{kit.site}'")
     check_kit(kit)
-    task = "survival" if site.data.time else "binary"
-    load_site_data(site, task)  # the contract, before anything leaves
     approvals = approvals_path(site)
-    read_approvals(approvals)  # readable (an unreadable file is an error now, not mid-study)
+    check_site_data(site, read_approvals(approvals))  # the contract, before anything leaves (an unreadable approvals file fails here too)
     # The SuperNode's Runtime API listens on this loopback port: taken, Flower would end in a traceback.
     require_free_port("127.0.0.1", port, "another node?", "give this node its own --port")
     route = choose_route(proxy, *split_address(kit.server_address, f"{kit.path}/node.toml server_address"), environ)
@@ -188,7 +210,11 @@ def prepare_node(
         command[command.index("--fast") + 1 : command.index("--fast") + 1] = ["--wake-name", wake]
         command += ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
         launcher = [sys.executable, "-m", "client.launcher", "--runtime-api-address", f"127.0.0.1:{port}", "--secret-file", str(secret), "--wake-name", wake]
-    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s), route)
+    # Flower installs each run's app under FLWR_HOME/apps; two nodes sharing one (the default ~/.flwr)
+    # would unpack into the same directory at once, and one could plant code the other runs.
+    flwr_home = approvals.parent / f".{kit.site}.flwr"
+    flwr_home.mkdir(mode=0o700, exist_ok=True)
+    return NodePlan(kit, site, approvals, ledger, command, launcher, max(0.0, rejoin_wait_s), route, flwr_home)
 
 
 def run_node(plan: NodePlan) -> int:
@@ -197,7 +223,7 @@ def run_node(plan: NodePlan) -> int:
     A refused activation is retried for ``plan.rejoin_wait_s``: a node restarted right
     after a crash is refused until the SuperLink lets its previous session expire.
     """
-    env = plan.route.child_env(flower_process_env())  # flower-superexec, flwr-clientapp on PATH; the probe's proxy, loopback direct
+    env = plan.route.child_env(flower_process_env(plan.flwr_home))  # flower-superexec, flwr-clientapp on PATH; the probe's proxy, loopback direct
     # Own process groups: stopping the node stops Flower's SuperExec / the launcher and every ClientApp.
     # The launcher outlives SuperNode retries (it only polls the node's local Runtime API).
     helpers = [subprocess.Popen(plan.launcher, env=env, start_new_session=True)] if plan.launcher else []

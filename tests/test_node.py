@@ -58,6 +58,63 @@ def test_no_rejoin_wait_gives_up_at_once(tmp_path: Path) -> None:
     assert starts(tmp_path) == 1
 
 
+# --------------------------------------------------------------------------- the node's data check at start
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from server.provision import ConsortiumConfig, provision
+
+    root = tmp_path_factory.mktemp("kits")
+    provision(ConsortiumConfig(name="c", server_address="127.0.0.1:9", sites=("company_1",)), root / "kits")
+    return root / "kits"
+
+
+def company_site(tmp_path: Path, study: str) -> tuple[Path, Path]:
+    """company_1 of a bundled molecule study, copied (its approvals file is written beside the site file)."""
+    import shutil
+
+    from shared.paths import PROJECT_ROOT
+
+    source = PROJECT_ROOT / "studies" / study
+    target = tmp_path / study
+    target.mkdir()
+    for name in ("study.toml", "company_1.toml", "company_1.csv"):
+        shutil.copy(source / name, target / name)
+    return target / "study.toml", target / "company_1.toml"
+
+
+@pytest.mark.parametrize("study", ["esol", "tox21"])
+def test_a_node_checks_its_data_against_the_task_of_the_study_it_approved(kits: Path, tmp_path: Path, study: str) -> None:
+    from client.approval import approve, read_approvals
+    from client.node import prepare_node
+    from shared.config import load_site
+
+    study_file, site_file = company_site(tmp_path, study)
+    approve(study_file, load_site(site_file), "digest")
+    (record,) = read_approvals(tmp_path / study / "company_1.approvals.json")
+    assert (record.task, record.model) == ({"esol": "regression", "tox21": "multitask"}[study], "gnn")
+    plan = prepare_node(kits / "company_1", site_file, probe=False, fast=False)  # regression / 12 labels: not binary
+    assert plan.site.name == "company_1"
+
+
+def test_a_node_whose_data_does_not_fit_its_approved_study_refuses_to_start_in_one_line(kits: Path, tmp_path: Path) -> None:
+    from client.approval import approve
+    from client.node import prepare_node
+    from shared.config import load_site
+    from shared.errors import DataContractError
+
+    study_file, site_file = company_site(tmp_path, "esol")
+    approve(study_file, load_site(site_file), "digest")
+    binary = tmp_path / "esol" / "binary.toml"  # the site's IT approves a binary study of the same (solubility) table
+    binary.write_text(study_file.read_text().replace('task = "regression"', 'task = "binary"').replace('name = "esol"', 'name = "esol-binary"'))
+    approve(binary, load_site(site_file), "digest")
+    with pytest.raises(DataContractError) as err:
+        prepare_node(kits / "company_1", site_file, probe=False, fast=False)
+    line = err.value.line
+    assert "approved study 'esol-binary' (binary, model gnn)" in line and "label must be 0/1" in line and "\n" not in str(err.value)
+
+
 # ----------------------------------------------------------------------------- the node's own port
 
 
@@ -103,3 +160,19 @@ def test_fedhelix_node_on_a_taken_port_exits_2_with_one_line(tmp_path: Path, roo
     )  # fmt: skip
     assert done.returncode == 2, done.stdout + done.stderr
     assert done.stderr.strip() == f"error: port {listener} on this host is in use (another node?); give this node its own --port"
+
+
+def test_each_node_installs_apps_in_its_own_flwr_home(tmp_path: Path, root: Path) -> None:
+    """Two nodes on one host must not unpack runs' apps into one shared FLWR_HOME (a race, and one could plant code for the other)."""
+    import stat
+
+    from server.provision import add_site
+
+    kit, site = site_kit(tmp_path, root)
+    other_kit = add_site(tmp_path / "kits", "denmark")
+    other_site = tmp_path / "denmark.toml"
+    other_site.write_text(site.read_text().replace('name = "canada"', 'name = "denmark"'))
+    first = node.prepare_node(kit, site, port=19094, probe=False)
+    second = node.prepare_node(other_kit, other_site, port=19095, probe=False)
+    assert first.flwr_home is not None and second.flwr_home is not None and first.flwr_home != second.flwr_home
+    assert stat.S_IMODE(first.flwr_home.stat().st_mode) == 0o700

@@ -45,7 +45,7 @@ if WHY_NOT:
 
 HOSPITALS = ("northeast", "south", "west")
 BEHIND_PROXY = "west"  # on the clinic LAN: its only way out is the proxy
-GATEWAY_PORT, LINK_PORT = 9092, 9093
+GATEWAY_PORT, LINK_PORT, ADMIN_PORT = 9092, 9093, 9095
 FEDHELIX = str(Path(sys.executable).parent / "fedhelix")
 
 
@@ -86,7 +86,9 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
         hospitals[BEHIND_PROXY] = net.host(BEHIND_PROXY, clinic=11)
         proxy_host = net.host("proxy", wan=20, clinic=20)
         proxy = start_proxy(root / "proxy", host=proxy_host.addresses["clinic"], argv=proxy_host.argv)
-        config = ConsortiumConfig(name="multihost", server_address=f"{server.address}:{GATEWAY_PORT}", sites=HOSPITALS, link_port=LINK_PORT)
+        config = ConsortiumConfig(
+            name="multihost", server_address=f"{server.address}:{GATEWAY_PORT}", sites=HOSPITALS, link_port=LINK_PORT, admin_address=f"{server.address}:{ADMIN_PORT}"
+        )
         kits = root / "kits"
         provision(config, kits)
         sites = root / "sites"
@@ -127,9 +129,20 @@ def test_the_server_certificate_names_the_servers_address_and_nodes_dial_it(host
         assert f'server_address = "{hosts.server.address}:{GATEWAY_PORT}"' in (hosts.kits / name / "node.toml").read_text()
 
 
-def test_the_study_runs_across_the_hosts(hosts: Hosts) -> None:
+def test_the_admin_sees_every_site_online_from_the_admin_host(hosts: Hosts) -> None:
+    deadline = time.monotonic() + 180
+    while True:  # nodes join within a minute of the server (their first connection backs off)
+        done = hosts.admin.run([FEDHELIX, "status", "--kit", str(hosts.kits / "admin"), "--runs", str(hosts.root / "runs")], timeout=300, cwd=hosts.root)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+        if "3 online" in done.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert "3 online" in done.stdout, done.stdout
+
+
+def test_the_study_runs_across_the_hosts_submitted_from_the_admin_host(hosts: Hosts) -> None:
     out = hosts.root / "runs"
-    done = hosts.server.run([FEDHELIX, "run", str(hosts.study), "--kit", str(hosts.kits / "admin"), "--out", str(out)], timeout=900, cwd=hosts.root)
+    done = hosts.admin.run([FEDHELIX, "run", str(hosts.study), "--kit", str(hosts.kits / "admin"), "--out", str(out)], timeout=900, cwd=hosts.root)
     hosts.run = done
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     report = json.loads((out / "multihost-tcga" / "report.json").read_text())
@@ -151,6 +164,41 @@ def test_the_superlink_is_unreachable_from_hospital_hosts(hosts: Hosts) -> None:
     for name, host in hosts.hospitals.items():
         assert host.reachable(hosts.server.address, GATEWAY_PORT) == (name != BEHIND_PROXY)  # the site-facing gateway is (but through the proxy)
         assert not host.reachable(hosts.server.address, LINK_PORT)  # the SuperLink (Fleet, Control, Runtime) is not
+    assert not hosts.admin.reachable(hosts.server.address, LINK_PORT)  # nor from the admin host: the admin listener is the way in
+
+
+# From a hospital host: the Control API through the site gateway (403), and through the admin
+# listener without the admin's certificate (refused at the handshake, or on the first read under TLS 1.3).
+CONTROL_PROBE = """
+import ssl, sys, urllib.error, urllib.request
+host, gateway, admin, ca = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+context = ssl.create_default_context(cafile=ca)
+request = urllib.request.Request(f"https://{host}:{gateway}/v1/control/list-runs", data=b"{}", method="POST")
+try:
+    urllib.request.urlopen(request, context=context, timeout=10)
+    print("gateway: served")
+except urllib.error.HTTPError as err:
+    print(f"gateway: {err.code}")
+request = urllib.request.Request(f"https://{host}:{admin}/v1/control/list-runs", data=b"{}", method="POST")
+try:
+    urllib.request.urlopen(request, context=context, timeout=10)
+    print("admin: served")
+except urllib.error.HTTPError as err:
+    print(f"admin: http {err.code}")
+except (OSError, ssl.SSLError) as err:
+    print(f"admin: refused ({type(err).__name__})")
+"""
+
+
+def test_the_control_api_is_refused_to_hospital_hosts(hosts: Hosts) -> None:
+    for name in (n for n in HOSPITALS if n != BEHIND_PROXY):
+        done = hosts.hospitals[name].run(
+            [sys.executable, "-c", CONTROL_PROBE, hosts.server.address, str(GATEWAY_PORT), str(ADMIN_PORT), str(hosts.kits / name / "ca.crt")]
+        )
+        assert done.returncode == 0, done.stderr
+        lines = done.stdout.splitlines()
+        assert lines[0] == "gateway: 403", lines
+        assert lines[1].startswith("admin: refused"), lines
 
 
 def test_a_hospital_behind_a_proxy_joins_only_through_it(hosts: Hosts) -> None:
