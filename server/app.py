@@ -57,8 +57,8 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
     With ``resume``, continue from the last complete round checkpointed in ``out_dir``.
     """
     ckpt = load_checkpoint(out_dir, study) if resume else None  # refused before anything in out_dir changes
-    if ckpt is not None:
-        log.info("resuming study '%s' after round %d of %d from %s", study.name, ckpt.round, study.rounds, out_dir)
+    if ckpt is not None:  # Flower's logger: its lines reach the admin's `fedhelix run` stream
+        logging.getLogger("flwr").info("resuming study '%s' after round %d of %d from %s", study.name, ckpt.round, study.rounds, out_dir)
     recorder = RunRecorder(out_dir, study.task)
     if ckpt is not None:
         recorder.restore(ckpt.rounds, ckpt.failures)

@@ -9,8 +9,10 @@ the files of :data:`RESULT_FILES` over the admin listener (:mod:`server.admin_li
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -47,7 +49,17 @@ def deployed_run_dir(runs: Path, run_config: Mapping[str, Any], study_name: str)
     resume = str(run_config.get("resume", "") or "")
     if NONCE.fullmatch(resume) and resume != nonce:
         raise FedhelixError(f"resume names run {resume}, but this run's identity is {nonce}; resume with the run directory that started it")
-    return Path(runs) / study_dirname(study_name) / nonce, bool(resume)
+    run_dir = Path(runs) / study_dirname(study_name) / nonce
+    if not resume and completed(run_dir):  # a completed run's config sent again (a replay): its results stay, and are what is served
+        run_dir = run_dir.with_name(f"{nonce}.again-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    return run_dir, bool(resume)
+
+
+def completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "report.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def find_result(runs: Path, nonce: str, name: str) -> Path | None:

@@ -23,6 +23,11 @@ def test_a_deployed_run_writes_under_the_runs_directory_whatever_out_says(tmp_pa
     assert deployed_run_dir(runs, {NONCE_KEY: NONCE, "resume": "/home/admin/runs/tcga"}, "tcga") == (runs / "tcga" / NONCE, True)  # an older admin: still this run
     escaped, _ = deployed_run_dir(runs, {NONCE_KEY: NONCE}, "../../etc")
     assert escaped.resolve().is_relative_to(runs.resolve()) and study_dirname("a/../b") == "a_.._b"
+    (out / "report.json").parent.mkdir(parents=True)
+    (out / "report.json").write_text('{"status": "completed"}')  # a completed run's config sent again: written beside, never over it
+    again, resumes = deployed_run_dir(runs, {NONCE_KEY: NONCE}, "tcga")
+    assert again.parent == out.parent and again.name.startswith(f"{NONCE}.again-") and not resumes
+    assert deployed_run_dir(runs, {NONCE_KEY: NONCE, "resume": NONCE}, "tcga") == (out, True)
     with pytest.raises(FedhelixError, match="resume names run f{32}, but this run's identity"):
         deployed_run_dir(runs, {NONCE_KEY: NONCE, "resume": "f" * 32}, "tcga")
     with pytest.raises(FedhelixError, match="no valid run identity"):

@@ -176,8 +176,8 @@ def refused_everywhere(c: Consortium, fab: bytes, config: dict, workdir: Path, c
     out = workdir / "runs"
     done = run_fab_as_is(c.kits / "admin", fab, {**config, "out": str(out)}, workdir)  # `out` is not signed, and a deployed server ignores it
     assert not out.exists()  # the ServerApp writes in the server's runs directory, under the run's nonce
-    path = c.server.kit.runs_dir / "deployed-tcga" / str(config[NONCE_KEY]) / "report.json"
-    report = json.loads(path.read_text()) if path.exists() else {}
+    written = sorted((c.server.kit.runs_dir / "deployed-tcga").glob(f"{config[NONCE_KEY]}*/report.json"), key=lambda p: p.stat().st_mtime)
+    report = json.loads(written[-1].read_text()) if written else {}
     assert report.get("status") == "failed", done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{len(SITES)} site(s) could not join the study" in report["error"] and code in report["error"], report["error"]
     assert {name: ledger_entries(c, name) for name in SITES} == before
@@ -189,6 +189,8 @@ def test_a_completed_runs_signed_config_replayed_as_a_new_run_is_refused_by_ever
         run_to_completion(consortium)
     assert consortium.completed is not None
     refused_everywhere(consortium, build_app_fab(PROJECT_ROOT), consortium.completed, tmp_path, "E-APPROVAL-REPLAY")
+    original = consortium.server.kit.runs_dir / "deployed-tcga" / str(consortium.completed[NONCE_KEY]) / "report.json"
+    assert json.loads(original.read_text())["status"] == "completed"  # the replay wrote beside the completed run, not over it
     assert all("a replayed signed run" in consortium.node_log(name) for name in SITES)
 
 
