@@ -222,7 +222,7 @@ def consortium(root: Path, cases: list[Case]) -> Iterator[Consortium]:
     from tests.e2e.deployed import free_port, stop_nodes
 
     names = tuple(sorted({site_name(s) for c in cases for s in c.sites}))
-    config = ConsortiumConfig(name="bundled", server_address=f"127.0.0.1:{free_port()}", sites=names, link_port=free_port())
+    config = ConsortiumConfig(name="bundled", server_address=f"127.0.0.1:{free_port()}", sites=names, link_port=free_port(), admin_address=f"127.0.0.1:{free_port()}")
     kits = root / "kits"
     provision(config, kits)
     digest = code_digest_of_project(ROOT)

@@ -36,7 +36,18 @@ from shared.molecules import ATOM_FEATURES  # noqa: E402
 from shared.paths import PROJECT_ROOT  # noqa: E402
 from shared.plan import TrainingPlan  # noqa: E402
 
-DATASETS = {"esol": ("rmse", "esol_rmse"), "bbbp": ("roc_auc", "bbbp_auc")}
+DATASETS = {"esol": ("rmse", "esol_rmse"), "bbbp": ("roc_auc", "bbbp_auc"), "tox21": ("roc_auc", "tox21_auc")}
+
+
+def with_partition_defaults(study):
+    """The bundled study with the recipe `fedhelix partition` now writes (mean pooling, local epochs, best round)."""
+    import tomllib
+
+    from server.partition import STUDY_DEFAULTS
+
+    recipe = tomllib.loads(STUDY_DEFAULTS)
+    options = dataclasses.replace(study.model_options, pooling="mean")
+    return dataclasses.replace(study, rounds=recipe["rounds"], local_epochs=float(recipe["local_epochs"]), select_best=recipe["select_best"], init_output_bias=True, model_options=options)
 
 
 def pooled(study):
@@ -58,7 +69,7 @@ def federated(study, data) -> dict:
     report = simulate(study, out, progress=False)
     saved = torch.load(out / "model.pt", weights_only=False)
     plan = TrainingPlan.from_json(saved["plan"])
-    model = build_model(plan.model, plan.task, len(ATOM_FEATURES), plan.model_options)
+    model = build_model(plan.model, plan.task, len(ATOM_FEATURES), plan.model_options, n_outputs=len(saved["labels"]) if plan.task == "multitask" else 1)
     model.load_state_dict(saved["state_dict"])
     assert report["status"] == "completed"
     return evaluate(model, data, plan)[1]
@@ -86,6 +97,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None, help="override the studies' rounds")
     parser.add_argument("--no-dp", action="store_true")
     parser.add_argument("--dp-only", action="store_true", help="only the epsilon = 8 variants")
+    parser.add_argument("--partition-defaults", action="store_true", help="federated only, with partition's defaults (keys *_federated_partition_defaults)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     figures: dict[str, float] = {}
@@ -95,6 +107,13 @@ def main() -> None:
         if args.rounds:
             study = dataclasses.replace(study, rounds=args.rounds)
         data = pooled(study)
+        if args.partition_defaults:
+            start = time.time()
+            fed = federated(with_partition_defaults(study), data)[metric]
+            figures[f"{key}_federated_partition_defaults"] = round(fed, 4)
+            print(f"{name} (partition defaults): {metric} federated {fed:.3f} on {data.n_test} pooled test molecules ({time.time() - start:.0f} s)", flush=True)
+            record(figures)
+            continue
         variants = [] if args.dp_only else [("", study)]
         if not args.no_dp:
             variants.append(("_dp8", dataclasses.replace(study, privacy=dataclasses.replace(study.privacy, dp=True, target_epsilon=8.0))))

@@ -38,19 +38,22 @@ from client.secagg_auth import AUTH_KEY
 from client.secagg_mod import Requirements, make_secaggplus_mod, study_requirements
 from shared.secure_aggregation import ProtocolRefused
 from client.site_data import load_for_plan, resolve_site
-from client.trainer import evaluate, train
+from client.personal import PersonalStore, check_private, fit_personal, global_view, personalized_metrics
+from client.trainer import evaluate, train, validation_metrics
 from shared.approval import ATTEMPT_KEY, NONCE_KEY, ROSTER_KEY, decode_roster
 from shared.config import SiteConfig, StudyConfig, load_study
 from shared.contract import SiteData
 from shared.errors import ConfigError, DataContractError, FedhelixError, RequestRefused, error_code, sealed_line, site_error_log
 from shared.metrics import LOSS_WITHHELD, withhold_small_sample
-from shared.models import build_model
+from shared.models import build_model, federated_keys
 from shared.params import NDArrays, clip_l2, get_weights, l2_norm, set_weights, subtract
 from shared.plan import PLAN_KEY, ROUND_KEY, STAGE_KEY, TrainingPlan
 from shared.omics import selection_moments
 from shared.paths import resolve_path
 from shared.pki import key_pem, load_ssh_private_key, new_key, openssh_public
 from shared.preprocess import is_indicator, moments
+from shared.validation import carve_validation
+from shared.imbalance import label_moments
 
 log = logging.getLogger("fedhelix.client")
 
@@ -94,19 +97,31 @@ class SiteClient(NumPyClient):
         if self.guard is not None:
             self.guard.claim(self.run, plan.study, kind, server_round, plan.rounds, self.attempt)
 
-    def _setup(self, plan: TrainingPlan, parameters: NDArrays | None = None):
+    def _setup(self, plan: TrainingPlan, parameters: NDArrays | None = None, validation: bool = False):
+        """The site's data (with ``select_best``, train rows less the validation split) and the model.
+
+        ``validation``: the carved validation view instead (its test arrays are the validation rows).
+        """
         data = load_for_plan(self.site, plan)
+        if plan.select_best:
+            data = carve_validation(data, plan.validation_fraction, plan.seed)[1 if validation else 0]
         if self.approved is not None:
             check_labels(plan, list(getattr(data, "labels", (self.site.data.label,))), self.site.name)
             if parameters is not None:  # a model: with [omics] top_k, never over more omics features than selected
                 check_selected(plan, len(getattr(data, "omics_features", ())), self.site.name)
-        model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options, n_outputs=len(getattr(data, "labels", ())) or 1)
-        if parameters is not None:
-            expected = [tuple(p.shape) for p in model.state_dict().values()]
-            if [tuple(np.shape(p)) for p in parameters] != expected:
+        n_outputs = len(getattr(data, "labels", ())) or 1
+        model = build_model(plan.model, plan.task, len(data.feature_names), plan.model_options, n_outputs=n_outputs, personalization=plan.personal_method)
+        if parameters is not None:  # only the federated tensors travel (a personalized model keeps some at the site)
+            keys = federated_keys(model)
+            state = model.state_dict()
+            if [tuple(np.shape(p)) for p in parameters] != [tuple(state[k].shape) for k in keys]:
                 raise RequestRefused(f"site '{self.site.name}' refused weights whose shapes differ from the approved model's")
-            set_weights(model, parameters)
+            set_weights(model, parameters, keys)
         return data, model
+
+    def _store(self) -> PersonalStore:
+        """Where this run's personal parameters stay between rounds: beside the site's audit log."""
+        return PersonalStore(self.audit.path, self.site.name, self.run)
 
     def get_properties(self, config):
         """Handshake before round 1: counts and encoded feature names, never values."""
@@ -160,6 +175,27 @@ class SiteClient(NumPyClient):
         fix = "rescale the column or raise [secure_aggregation] stats_bound"
         return self._masked_statistics(plan, moments(data.x_train), data.feature_names, data.n_train, "feature statistics", fix)
 
+    def _fit_labels(self, plan: TrainingPlan) -> tuple[NDArrays, int, dict]:
+        """Secure label round: per label, this site's fraction of positive and of known train labels, under SecAgg+.
+
+        Weighted by n_train, the secure sum gives the pooled counts from which the coordinator
+        sets the output bias (pooled log-odds) and a balanced ``pos_weight``; it never sees this site's.
+        """
+        if plan.task not in ("binary", "multitask"):
+            raise ConfigError(f"site '{self.site.name}' refused the label round: study '{plan.study}' is not a binary or multitask study")
+        if self.approved is not None and not (self.approved.init_output_bias or self.approved.pos_weight == "balanced"):
+            raise RequestRefused(f"site '{self.site.name}' refused the label round: the approved study uses no pooled label counts (init_output_bias = false, no balanced pos_weight)")
+        data, _ = self._setup(plan)
+        labels = list(getattr(data, "labels", (self.site.data.label,)))
+        if plan.labels:  # the agreed order of the tasks
+            order = [labels.index(name) for name in plan.labels]
+            y = np.asarray(data.y_train, dtype=np.float64)
+            data_y = y[:, order] if y.ndim == 2 else y
+            labels = list(plan.labels)
+        else:
+            data_y = np.asarray(data.y_train, dtype=np.float64)
+        return self._masked_statistics(plan, label_moments(data_y), labels, data.n_train, "label fractions", "check the label columns")
+
     def _masked_statistics(self, plan: TrainingPlan, values: np.ndarray, names: list[str], weight: int, what: str, fix: str) -> tuple[NDArrays, int, dict]:
         """The reply of a secure statistics round: bounded (the secure sum must not wrap), audited, then masked by SecAgg+.
 
@@ -180,13 +216,16 @@ class SiteClient(NumPyClient):
     def fit(self, parameters, config):
         plan = self._plan(config)
         stage = config.get(STAGE_KEY)
-        if stage not in (None, "stats", "select"):
+        if stage not in (None, "stats", "select", "labels"):
             raise RequestRefused(f"site '{self.site.name}' refused an unknown stage {stage!r}")
-        if stage in ("stats", "select"):  # statistics of the site's own values: no pooled scaling applies yet
+        if stage in ("stats", "select", "labels"):  # statistics of the site's own values: no pooled scaling applies yet
             plan = dataclasses.replace(plan, normalization={})
         if stage == "select":
             self._claim(plan, "select")
             return self._fit_selection(plan)
+        if stage == "labels":
+            self._claim(plan, "labels")
+            return self._fit_labels(plan)
         if stage == "stats":
             self._claim(plan, "stats")
             data, _ = self._setup(plan)
@@ -195,6 +234,7 @@ class SiteClient(NumPyClient):
         self._claim(plan, "fit", server_round)
         data, model = self._setup(plan, parameters)
         weight = data.n_train
+        check_private(plan)
         if plan.privacy.dp and plan.privacy.level == "site":
             self._accept_site_level(plan)
             train(model, data, plan, server_round)
@@ -203,6 +243,9 @@ class SiteClient(NumPyClient):
             weight = 1  # central DP-FedAvg averages sites unweighted: the noise is calibrated to S / n_sites
         elif plan.privacy.dp:
             metrics, delta = self._fit_private(plan, data, model, parameters, server_round)
+        elif plan.personalization is not None:  # the personal part stays in the site's store; the delta is the federated part
+            metrics = fit_personal(plan, data, model, self._store(), server_round)
+            delta = _delta(model, parameters)
         else:
             metrics = train(model, data, plan, server_round)
             delta = _delta(model, parameters)
@@ -271,10 +314,14 @@ class SiteClient(NumPyClient):
         server_round = _round(config)
         self._claim(plan, "evaluate", server_round)
         data, model = self._setup(plan, parameters)
-        loss, metrics = evaluate(model, data, plan)
+        glob = global_view(plan, data, model)
+        loss, metrics = evaluate(glob, data, plan)
+        if plan.select_best:  # best-round selection: the same global model on the validation rows carved from train
+            metrics |= validation_metrics(glob, self._setup(plan, validation=True)[0], plan)
         released = withhold_small_sample({"loss": loss, **metrics}, data.n_test)
         loss = released.pop("loss")
-        metrics = _scalars({"site": self.site.name, **released, **({LOSS_WITHHELD: 1} if loss is None else {})})
+        personal = personalized_metrics(plan, data, model, self._store(), server_round) if plan.personalization else {}
+        metrics = _scalars({"site": self.site.name, **released, **personal, **({LOSS_WITHHELD: 1} if loss is None else {})})
         self.audit.append(study=plan.study, server_round=server_round, kind="metrics", metrics={"loss": loss, "n": data.n_test, **metrics})
         return (0.0 if loss is None else loss), data.n_test, metrics  # Flower needs a number; the flag says it is none
 
@@ -320,8 +367,8 @@ def public_warning(text: str) -> str:
 
 
 def _delta(model, parameters: NDArrays) -> NDArrays:
-    """What a site shares: its locally trained weights minus the global weights it received."""
-    return subtract(get_weights(model), [np.asarray(p, dtype=np.float32) for p in parameters])
+    """What a site shares: its locally trained federated weights minus the global weights it received."""
+    return subtract(get_weights(model, federated_keys(model)), [np.asarray(p, dtype=np.float32) for p in parameters])
 
 
 SiteOf = Callable[[Context], tuple[SiteConfig, StudyConfig, AuditLog]]
@@ -355,7 +402,7 @@ def make_secure_aggregation_mod(site_of: SiteOf, authentication: Authentication)
                 raise RequestRefused(f"site '{site.name}' refused SecAgg+ messages for study '{study.name}', which does not use secure aggregation")
             return secaggplus(msg, ctxt, call_next)
         config = compat.recorddict_to_fitins(msg.content, keep_input=True).config
-        if study.secure.enabled or config.get(STAGE_KEY) in ("stats", "select"):
+        if study.secure.enabled or config.get(STAGE_KEY) in ("stats", "select", "labels"):
             raise RequestRefused(f"site '{site.name}' refused: study '{study.name}' requires secure aggregation but this update was requested without SecAgg+")
         return call_next(msg, ctxt)
 

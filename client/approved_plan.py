@@ -13,7 +13,9 @@ legitimately contributes is checked against facts the site can verify itself:
 * ``labels``: the site's own label columns, in some order;
 * ``normalization``: pooled means and scales from the secure statistics round,
   finite, one per feature, scales positive;
-* ``candidates``: the omics features asked about in the selection round.
+* ``candidates``: the omics features asked about in the selection round;
+* ``pos_weight``, only where the study says ``pos_weight = "balanced"``: the pooled
+  negatives/positives per label from the secure label round, finite and positive.
 
 Where the approved study comes from: a simulation is given the study file by the
 researcher; a SuperNode started by hand (benchmarks) names it in its own node config
@@ -46,6 +48,7 @@ APPROVED_STUDY_KEY = "approved-study"  # node config (set by the site's IT, neve
 FROM_COORDINATOR = ("features", "labels", "normalization", "candidates")
 MIN_SCALE = 1e-6  # a pooled scale below this would blow one feature up (and underflows float32 further down)
 MAX_POOLED = 1e30  # float32 stays finite
+MAX_POS_WEIGHT = 1e6  # as the study's own pos_weight is bounded
 
 
 class PlanRefused(RequestRefused):
@@ -97,7 +100,8 @@ def checked_plan(study: StudyConfig, sent_json: str, site: str) -> TrainingPlan:
         raise PlanRefused(f"site '{site}' refused a feature or label list that names a column twice")
     expected = TrainingPlan.from_study(study, features, labels)
     wanted = json.loads(expected.to_json())
-    differ = sorted(k for k in set(wanted) | set(sent) if k not in FROM_COORDINATOR and wanted.get(k) != sent.get(k))
+    chosen = FROM_COORDINATOR + (("pos_weight",) if study.pos_weight == "balanced" else ())
+    differ = sorted(k for k in set(wanted) | set(sent) if k not in chosen and wanted.get(k) != sent.get(k))
     if differ:
         shown = "; ".join(f"{k}: asked {sent.get(k)!r}, approved {wanted.get(k)!r}" for k in differ[:4])
         raise PlanRefused(f"site '{site}' refused a request for study '{study.name}' that differs from the approved study in {', '.join(differ)} ({shown})")
@@ -107,7 +111,17 @@ def checked_plan(study: StudyConfig, sent_json: str, site: str) -> TrainingPlan:
         raise PlanRefused(f"site '{site}' refused: malformed candidate list")
     if normalization:
         _check_normalization(normalization, len(features), site)
-    return replace(expected, normalization=normalization, candidates=candidates)
+    pos_weight = sent.get("pos_weight") or [] if study.pos_weight == "balanced" else expected.pos_weight
+    _check_pos_weight(pos_weight, len(labels), site)
+    return replace(expected, normalization=normalization, candidates=candidates, pos_weight=[float(v) for v in pos_weight])
+
+
+def _check_pos_weight(pos_weight: object, n_labels: int, site: str) -> None:
+    """A coordinator's balanced pos_weight: one finite positive weight per label (or one for all)."""
+    ok = isinstance(pos_weight, list) and len(pos_weight) in (0, 1, max(n_labels, 1))
+    ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 < v <= MAX_POS_WEIGHT for v in pos_weight)
+    if not ok:
+        raise PlanRefused(f"site '{site}' refused a pos_weight that is not one finite positive weight per label")
 
 
 def _check_normalization(normalization: object, n_features: int, site: str) -> None:

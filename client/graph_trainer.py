@@ -38,7 +38,7 @@ from shared.tasks import loss_for, per_sample_loss, predict
 log = logging.getLogger("fedhelix.client")
 
 
-def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None) -> dict[str, float]:
+def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None, anchor: list[torch.Tensor] | None = None) -> dict[str, float]:
     """``plan.local_steps`` optimiser steps on the site's molecules from the global weights."""
     torch.manual_seed(derived_seed(plan.seed, data.site, server_round, "init"))
     generator = torch.Generator().manual_seed(derived_seed(plan.seed, data.site, server_round))
@@ -50,7 +50,7 @@ def train_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, ser
         noise = dp_random(plan, data.site, server_round, "noise")
         return _train_graphs_dp(model, data, y, plan, dp, optimizer, sampler, noise)
     forward = lambda idx: model(*sparse_batch([graphs[i] for i in idx.tolist()]))  # noqa: E731
-    return plain_steps(model, len(graphs), forward, y, loss_for(plan.task), plan, optimizer, generator)
+    return plain_steps(model, len(graphs), forward, y, loss_for(plan.task, pos_weight=plan.pos_weight), plan, optimizer, generator, anchor)
 
 
 def molecule_layers(model: MoleculeGNN) -> list[nn.Module] | None:
@@ -92,7 +92,7 @@ def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRou
     graphs = [data.graphs_train[i] for i in eligible]
     y = y[torch.tensor(eligible, dtype=torch.long)]
     layers = molecule_layers(model)
-    loss_fn = per_sample_loss(plan.task)
+    loss_fn = per_sample_loss(plan.task, pos_weight=plan.pos_weight)
     expected = dp.sample_rate * len(graphs)
     model.train()
     for _ in range(dp.steps):
@@ -108,7 +108,7 @@ def _train_graphs_dp(model, data: MoleculeData, y, plan: TrainingPlan, dp: DPRou
 @torch.no_grad()
 def evaluate_graphs(model: MoleculeGNN, data: MoleculeData, plan: TrainingPlan, split: str = "test") -> tuple[float, dict[str, float | None]]:
     """Loss and task metrics (per-task ROC/PR AUC for multitask) on the site's ``split``, with their references on the test split."""
-    graphs, y = (data.graphs_test, data.y_test) if split == "test" else (data.graphs_train, data.y_train)
+    graphs, y = (data.graphs_test, data.y_test) if split in ("test", "validation") else (data.graphs_train, data.y_train)
     model.eval()
     output = model(*sparse_batch(graphs))
     target = torch.from_numpy(np.asarray(y, dtype=np.float32))

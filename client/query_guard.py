@@ -33,7 +33,7 @@ class QueryRefused(FedhelixError):
     code = "E140"
 
 
-ONCE_PER_RUN = ("handshake", "stats", "select")
+ONCE_PER_RUN = ("handshake", "stats", "select", "labels")
 PER_ROUND = ("fit", "evaluate")
 
 SCHEMA = """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -14,7 +16,7 @@ from client.privacy.dpsgd import linear_layers, noisy_step, poisson_batch
 from client.privacy.randomness import SecureRandom
 from shared.contract import SiteData
 from shared.errors import ConfigError
-from shared.metrics import baseline_metrics, bootstrap_interval, interval_metrics, task_metrics
+from shared.metrics import MIN_TEST_FOR_COUNTS, PRIMARY, baseline_metrics, bootstrap_interval, interval_metrics, task_metrics
 from shared.plan import TrainingPlan
 from shared.tasks import loss_for, per_sample_loss, predict
 
@@ -57,17 +59,30 @@ def dp_random(plan: TrainingPlan, site: str, server_round: int, purpose: str) ->
     return SecureRandom.from_os()
 
 
-def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None) -> dict[str, float]:
-    """Run ``plan.local_steps`` optimiser steps from the current (global) weights.
+def scaled_steps(plan: TrainingPlan, n_train: int) -> TrainingPlan:
+    """With ``local_epochs``, the plan whose ``local_steps`` cover that many passes over this site's train split.
 
-    FedProx adds ``mu/2 * ||w - w_global||^2`` to the loss. Shuffling is seeded
+    A large site then does proportionally more local work than a small one, as in
+    centralised training, instead of one fixed step count that under-trains it.
+    """
+    if not plan.local_epochs:
+        return plan
+    return dataclasses.replace(plan, local_steps=max(1, math.ceil(plan.local_epochs * n_train / plan.batch_size)))
+
+
+def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: int, dp: DPRound | None = None, anchor: list[torch.Tensor] | None = None) -> dict[str, float]:
+    """Run ``plan.local_steps`` optimiser steps (or ``local_epochs`` passes) from the current (global) weights.
+
+    FedProx adds ``mu/2 * ||w - w_global||^2`` to the loss (Ditto's personal model:
+    ``w_global`` is the ``anchor``, not the starting weights). Shuffling is seeded
     from (study seed, site, round), so a rerun of a study is reproducible.
     With ``dp``, each step is a DP-SGD step on a Poisson-sampled batch.
     """
+    plan = scaled_steps(plan, data.n_train) if dp is None else plan  # the study refuses local_epochs under DP
     if not isinstance(data, SiteData):  # molecules: graphs, per-molecule DP
         from client.graph_trainer import train_graphs
 
-        return train_graphs(model, data, plan, server_round, dp)
+        return train_graphs(model, data, plan, server_round, dp, anchor)
     torch.manual_seed(derived_seed(plan.seed, data.site, server_round, "init"))
     generator = torch.Generator().manual_seed(derived_seed(plan.seed, data.site, server_round))
     x = torch.from_numpy(data.x_train)
@@ -78,16 +93,21 @@ def train(model: nn.Module, data: SiteData, plan: TrainingPlan, server_round: in
         sampler = dp_random(plan, data.site, server_round, "poisson")
         noise = dp_random(plan, data.site, server_round, "noise")
         return _train_dp(model, x, y, plan, dp, optimizer, sampler, noise)
-    loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins)
-    return plain_steps(model, len(x), lambda idx: model(x[idx]), y, loss_fn, plan, optimizer, generator)
+    loss_fn = loss_for(plan.task, plan.model, plan.model_options.time_bins, plan.pos_weight)
+    return plain_steps(model, len(x), lambda idx: model(x[idx]), y, loss_fn, plan, optimizer, generator, anchor)
 
 
-def plain_steps(model, n_rows: int, forward: Callable[[torch.Tensor], torch.Tensor], y, loss_fn, plan: TrainingPlan, optimizer, generator: torch.Generator) -> dict[str, float]:
+def plain_steps(
+    model, n_rows: int, forward: Callable[[torch.Tensor], torch.Tensor], y, loss_fn, plan: TrainingPlan, optimizer, generator: torch.Generator,
+    anchor: list[torch.Tensor] | None = None,
+) -> dict[str, float]:  # fmt: skip
     """``plan.local_steps`` ordinary optimiser steps; ``forward(idx)`` is the model's output for those rows.
 
     Shared by tabular and molecule training; FedProx adds its proximal term here.
     """
-    global_params = [p.detach().clone() for p in model.parameters()] if plan.proximal_mu > 0 else None
+    global_params = None
+    if plan.proximal_mu > 0:
+        global_params = [p.detach().clone() for p in (model.parameters() if anchor is None else anchor)]
     model.train()
     total, count = 0.0, 0
     for idx in batches(n_rows, plan.batch_size, plan.local_steps, generator):
@@ -104,7 +124,7 @@ def plain_steps(model, n_rows: int, forward: Callable[[torch.Tensor], torch.Tens
 
 
 def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: SecureRandom, noise: SecureRandom) -> dict[str, float]:
-    loss_fn = per_sample_loss(plan.task, plan.model, plan.model_options.time_bins)
+    loss_fn = per_sample_loss(plan.task, plan.model, plan.model_options.time_bins, plan.pos_weight)
     if loss_fn is None:
         raise ConfigError(f"model {plan.model!r} has no per-sample loss; it cannot be trained under DP")
     if plan.proximal_mu > 0:
@@ -125,13 +145,17 @@ def _train_dp(model, x, y, plan: TrainingPlan, dp: DPRound, optimizer, sampler: 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: SiteData, plan: TrainingPlan, split: str = "test") -> tuple[float, dict[str, float | None]]:
-    """Loss and task metrics of ``model`` on the site's ``split`` (on the test split, with their references)."""
+    """Loss and task metrics of ``model`` on the site's ``split`` (on the test split, with their references).
+
+    ``split = "validation"`` scores the test arrays of a carved validation view
+    (:func:`shared.validation.carve_validation`), without references.
+    """
     if not isinstance(data, SiteData):
         from client.graph_trainer import evaluate_graphs
 
         return evaluate_graphs(model, data, plan, split)
     task = plan.task
-    x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
+    x, y = (data.x_test, data.y_test) if split in ("test", "validation") else (data.x_train, data.y_train)
     model.eval()
     output = model(torch.from_numpy(x))
     loss = float(loss_for(task, plan.model, plan.model_options.time_bins)(output, torch.from_numpy(y)))
@@ -140,6 +164,17 @@ def evaluate(model: nn.Module, data: SiteData, plan: TrainingPlan, split: str = 
     if split == "test":
         metrics |= reference_metrics(plan, data.site, data.y_train, y, score)
     return loss, metrics
+
+
+def validation_metrics(model: nn.Module, validation, plan: TrainingPlan) -> dict[str, float | None]:
+    """What best-round selection needs: the primary metric and loss on the validation rows, and their number.
+
+    The loss is withheld on fewer than ``MIN_TEST_FOR_COUNTS`` rows, as on a small test split.
+    """
+    loss, metrics = evaluate(model, validation, plan, split="validation")
+    primary = PRIMARY[plan.task][0]
+    n = validation.n_test
+    return {"val_" + primary: metrics.get(primary), "val_loss": loss if n >= MIN_TEST_FOR_COUNTS else None, "n_val": n}
 
 
 def reference_metrics(plan: TrainingPlan, site: str, y_train: np.ndarray, y_test: np.ndarray, score: np.ndarray, names: list[str] | None = None) -> dict[str, float | None]:

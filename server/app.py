@@ -26,7 +26,8 @@ from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from server.checkpoint import Checkpointer, load_checkpoint, resume_state
 from server.feature_selection import select_study_features
-from server.federated_stats import needs_federated_stats, secure_pooled_standardizer
+from server.best_round import BestRoundKeeper
+from server.federated_stats import needs_federated_stats, needs_label_round, secure_pooled_labels, secure_pooled_standardizer
 from server.grid_tap import Observer, TappedGrid
 from server.handshake import handshake
 from server.recorder import RunRecorder
@@ -40,7 +41,8 @@ from server.workflow import ResumableWorkflow
 from shared.approval import STUDY_B64_KEY, decode_study
 from shared.config import StudyConfig, load_study, parse_study
 from shared.errors import FedhelixError
-from shared.models import build_model
+from shared.imbalance import set_output_bias
+from shared.models import build_model, federated_keys
 from shared.params import get_weights, set_weights
 from shared.paths import resolve_path
 from shared.plan import TrainingPlan
@@ -80,7 +82,7 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         labels = sites[0].labels
         plan = TrainingPlan.from_study(study, features, labels)
         n_outputs = len(labels) if study.task == "multitask" else 1
-        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs)
+        model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs, personalization=plan.personal_method)
         params = None
         if study.secure.enabled:
             site_level = study.privacy.dp and study.privacy.level == "site"  # sites send weight 1
@@ -90,19 +92,36 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
         if study.omics is not None:  # federated feature selection fixes the feature list (repeated on resume: it must agree)
             features = select_study_features(tapped, context, study, plan, sites, params)
             plan = TrainingPlan.from_study(study, features, labels)
-            model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs)
+            model = build_model(study.model, study.task, len(features), study.model_options, seed=study.seed, n_outputs=n_outputs, personalization=plan.personal_method)
         if ckpt is not None:
             plan = resume_state(ckpt, plan, model)
         elif needs_federated_stats(sites):
             pooled = secure_pooled_standardizer(tapped, context, study, plan, sites, params)
             plan = dataclasses.replace(plan, normalization={"mean": pooled.mean.tolist(), "scale": pooled.scale.tolist()})
-        strategy = build_strategy(study, plan, ckpt.weights if ckpt else get_weights(model), recorder)
+        if needs_label_round(study) and (ckpt is None or study.pos_weight == "balanced"):
+            labels_pooled = secure_pooled_labels(tapped, context, study, plan, sites, params)
+            if study.pos_weight == "balanced":
+                plan = dataclasses.replace(plan, pos_weight=labels_pooled.balanced_pos_weight())
+            if study.init_output_bias and ckpt is None:  # before round 1: start at the constant predictor
+                set_output_bias(model, labels_pooled.log_odds())
+        strategy = build_strategy(study, plan, ckpt.weights if ckpt else get_weights(model, federated_keys(model)), recorder)
         checkpointer = Checkpointer(out_dir, study, plan, recorder, strategy, ckpt)
+        keeper = BestRoundKeeper(out_dir, study.task, resume=ckpt is not None) if study.select_best else None
+        recorder.selected_round = keeper.round if keeper else None
+
+        def after_round(server_round: int, ctx: LegacyContext) -> None:
+            if keeper is not None:  # before the checkpoint, so a resumed run knows its best round
+                keeper(server_round, ctx, recorder)
+            checkpointer(server_round, ctx)
+
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=study.rounds), strategy=strategy)
         fit_workflow = StrictSecAggPlus(params, timeout=study.secure.timeout_s) if params else None
-        ResumableWorkflow(fit_workflow=fit_workflow, start_round=checkpointer.start_round, after_round=checkpointer)(tapped, legacy)
+        ResumableWorkflow(fit_workflow=fit_workflow, start_round=checkpointer.start_round, after_round=after_round)(tapped, legacy)
         weights = parameters_to_ndarrays(compat.arrayrecord_to_parameters(legacy.state.array_records[MAIN_PARAMS_RECORD], keep_input=True))
-        set_weights(model, weights)
+        if keeper is not None and keeper.weights is not None:  # the selected round's model, not the last
+            weights = keeper.weights
+            log.info("best-round selection: round %d of %d (validation %s %.4f)", keeper.round, study.rounds, keeper.metric, keeper.value)
+        set_weights(model, weights, federated_keys(model))  # a personalized model's site-local parts stay at their initial values
         final_model = model
         torch.save(
             {"state_dict": model.state_dict(), "features": features, "labels": labels, "plan": plan.to_json(), "study": study.name},

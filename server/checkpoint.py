@@ -190,6 +190,7 @@ def resume_state(ckpt: Checkpoint, plan: Any, model: torch.nn.Module) -> Any:
     The statistics round is not repeated (its result is in the checkpoint); sites
     whose encoded features changed since the checkpoint are refused.
     """
+    from shared.models import federated_keys
     from shared.params import set_weights
 
     if ckpt.features and list(plan.features) != list(ckpt.features):
@@ -197,7 +198,7 @@ def resume_state(ckpt: Checkpoint, plan: Any, model: torch.nn.Module) -> Any:
             f"the sites' features changed since the checkpoint of round {ckpt.round} ({len(ckpt.features)} then, "
             f"{len(plan.features)} now); a study cannot resume on different data"
         )
-    set_weights(model, ckpt.weights)
+    set_weights(model, ckpt.weights, federated_keys(model))
     return dataclasses.replace(plan, normalization=ckpt.normalization) if ckpt.normalization else plan
 
 

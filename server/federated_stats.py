@@ -27,6 +27,7 @@ from server.recorder import SiteInfo
 from server.secure_aggregation import SecAggParams, StrictSecAggPlus
 from server.strategy import StudyAborted
 from shared.config import StudyConfig
+from shared.imbalance import PooledLabels, describe
 from shared.plan import PLAN_KEY, STAGE_KEY, TrainingPlan
 from shared.preprocess import Standardizer
 
@@ -98,3 +99,20 @@ def secure_pooled_standardizer(grid, context: Context, study: StudyConfig, plan:
     indicator = np.all([np.asarray(s.indicators, dtype=bool) for s in sites], axis=0)
     log.info("secure statistics round: pooled standardisation of %d features agreed by %d sites", n_features, len(sites))
     return Standardizer.from_moments(mean, mean_sq, indicator)
+
+
+def needs_label_round(study: StudyConfig) -> bool:
+    """Binary and multitask studies pool their label counts (output bias, balanced pos_weight) when SecAgg+ hides each site's."""
+    wanted = study.init_output_bias or study.pos_weight == "balanced"
+    return study.task in ("binary", "multitask") and wanted and study.secure.enabled
+
+
+def secure_pooled_labels(grid, context: Context, study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], params: SecAggParams | None) -> PooledLabels:
+    """One SecAgg+ round of per-label positive and known fractions, pooled over every site's train rows."""
+    if params is None:
+        raise StudyAborted("the label round needs secure aggregation: without it the coordinator would see each site's label counts")
+    names = list(plan.labels) or ["label"]
+    result = secure_weighted_mean(grid, context, study, plan, sites, params, "labels", 2 * len(names), "no label counts were pooled")
+    pooled = PooledLabels.from_moments(result)
+    log.info("secure label round: pooled prevalence %s over %d sites", describe(pooled, names), len(sites))
+    return pooled

@@ -21,6 +21,15 @@ import pandas as pd
 from shared.errors import ConfigError
 
 METHODS = ("scaffold", "random", "dirichlet")
+# Defaults that hold on a large, imbalanced set: local work in passes over each company's own
+# train split (a large company is not under-trained), the output bias at the pooled log-odds
+# (init_output_bias, on by default), and the round whose model scored best on validation
+# rows carved from each company's training data.
+STUDY_DEFAULTS = (
+    "rounds = 20\nlocal_epochs = 5  # passes over each company's train split per round\nbatch_size = 32\n"
+    "optimizer = \"adam\"\nlearning_rate = 0.002\nseed = 42\n"
+    "select_best = true  # keep the round best on validation rows carved from training data\n"
+)
 _ID_NAMES = {"num", "id", "index", "idx", "mol_id", "compound id", "cid"}
 
 
@@ -220,8 +229,9 @@ def partition(
         "# Run it with `fedhelix simulate` on this file; edit freely (see docs/study-and-site-files.md).\n"
         f"[study]\nname = {_toml_str(study_name)}\ntask = \"{task}\"\nmodel = \"gnn\"\nstrategy = \"fedavg\"\n"
         + ("secure_aggregation = false  # SecAgg+ needs at least 3 sites\n" if n_sites < 3 else "")
-        + "rounds = 10\nlocal_steps = 80\nbatch_size = 32\noptimizer = \"adam\"\nlearning_rate = 0.002\nseed = 42\n\n"
-        "[model]\nlayers = 3\nhidden = 64\nconv = \"graphconv\"\npooling = \"add\"\n\n"
+        + STUDY_DEFAULTS
+        + ('# pos_weight = "balanced"  # optional: weigh rare positives as much as negatives (needs 3+ sites)\n' if task in ("binary", "multitask") else "")
+        + "\n[model]\nlayers = 3\nhidden = 64\nconv = \"graphconv\"\npooling = \"mean\"  # does not grow with molecule size\n\n"
         + "".join(f"[[sites]]\nname = \"{site}\"\nconfig = \"{site}.toml\"\n\n" for site in sites),
         encoding="utf-8",
     )

@@ -78,6 +78,7 @@ class RunRecorder:
         self.secure: Any = None  # SecAgg+ parameters when secure aggregation is on
         self.started = time.time()
         self.listeners: list[Callable[[dict[str, Any]], None]] = []  # e.g. TensorBoard, called per completed round
+        self.selected_round: int | None = None  # best-round selection: the round whose global model was kept
 
     def restore(self, rounds: list[dict[str, Any]], failures: list[dict[str, Any]]) -> None:
         """Continue from a checkpoint: its rounds become this run's history (and metrics.jsonl)."""
@@ -85,6 +86,13 @@ class RunRecorder:
         self.failures = [dict(f) for f in failures]
         with self.metrics_path.open("w") as fh:
             fh.writelines(json.dumps(entry) + "\n" for entry in self.rounds)
+
+    def final_evaluation(self) -> dict[str, Any]:
+        """The evaluation of the model the run keeps: the selected round's (best-round selection), else the last."""
+        chosen = [r for r in self.rounds if r.get("round") == self.selected_round and "evaluate" in r]
+        if chosen:
+            return chosen[-1]["evaluate"]
+        return self.rounds[-1]["evaluate"] if self.rounds else {"sites": {}, "mean": {}, "weighted": {}}
 
     # -- sites --------------------------------------------------------------
     def set_sites(self, sites: list[SiteInfo]) -> None:

@@ -42,7 +42,7 @@ METRIC_LABELS = {
 
 def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], recorder: RunRecorder, *, status: str, error: str | None, has_model: bool) -> dict[str, Any]:
     """Everything known about the run as one JSON-ready dict."""
-    last = recorder.rounds[-1]["evaluate"] if recorder.rounds else {"sites": {}, "mean": {}, "weighted": {}}
+    last = recorder.final_evaluation()  # the selected round's with select_best, else the last round's
     counts = {s.name: {"n_train": s.n_train, "n_test": s.n_test} for s in sites}
     final_sites = {name: {**counts.get(name, {}), **{k: v for k, v in m.items() if k != "n"}} for name, m in last["sites"].items()}
     study_block = {k: v for k, v in asdict(study).items() if k not in ("sites", "path", "model_options", "categories")}
@@ -67,11 +67,44 @@ def build_report(study: StudyConfig, plan: TrainingPlan, sites: list[SiteInfo], 
         "rounds": recorder.rounds,
         "failures": recorder.failures,
         "final": final,
+        "selected_round": recorder.selected_round,  # select_best: the round whose model is model.pt and "final"
         "baseline": review(study.task, final, study.privacy.dp),
+        "personalization": personalization_summary(study, final),
         "privacy": privacy_summary(study, recorder),
         "model": "model.pt" if has_model else None,
         "timing": {"wall_s": round(time.time() - recorder.started, 2)},
     }
+
+
+PERSONALIZED = "personalized_"
+
+
+def personalization_summary(study: StudyConfig, final: dict[str, Any]) -> dict[str, Any] | None:
+    """Global beside personalized metrics per site (primary metric and test loss), or None without [personalization].
+
+    Sites send ``personalized_<metric>`` beside the global model's ``<metric>``; the personal
+    parameters themselves never left the sites.
+    """
+    if study.personalization is None:
+        return None
+    primary = PRIMARY[study.task][0]
+    pairs = [(m, f"{PERSONALIZED}{m}") for m in (primary, "loss")]
+    rows = {name: {f"global_{m}": s.get(m) for m, _ in pairs} | {p: s.get(p) for _, p in pairs} for name, s in final["sites"].items()}
+    mean = {f"global_{m}": final["mean"].get(m) for m, _ in pairs} | {p: final["mean"].get(p) for _, p in pairs}
+    return {"method": study.personalization.method, "metric": primary, "higher_is_better": PRIMARY[study.task][1], "sites": rows, "mean": mean}
+
+
+def _personalization_section(report: dict[str, Any]) -> str:
+    block = report.get("personalization")
+    if not block:
+        return "<p>No [personalization] in this study: every site uses the global model.</p>"
+    metric = block["metric"]
+    label = METRIC_LABELS.get(metric, metric)
+    header = ["site", f"global {label}", f"personalized {label}", "global test loss", "personalized test loss"]
+    keys = [f"global_{metric}", f"{PERSONALIZED}{metric}", "global_loss", f"{PERSONALIZED}loss"]
+    rows = [[name, *[_na(e.get(k)) for k in keys]] for name, e in [*block["sites"].items(), ("mean over sites", block["mean"])]]
+    note = f"<p>Method <b>{html.escape(block['method'])}</b>: each site's personal parameters stayed at the site; both columns are on the same test split.</p>"
+    return note + _table(rows, header)
 
 
 EPSILON_SCOPE = (
@@ -309,6 +342,8 @@ def render_html(report: dict[str, Any]) -> str:
     failures = _table([[f["round"], f["phase"], f["site"], f.get("kind", "failed"), f["reason"]] for f in report["failures"]], ["round", "phase", "site", "kind", "reason"]) if report["failures"] else "<p>None.</p>"
     status = report["status"]
     banner = f'<p class="status {status}">Status: <b>{html.escape(status)}</b>' + (f" — {html.escape(report['error'])}" if report.get("error") else "") + "</p>"
+    if report.get("selected_round") is not None:  # best-round selection: say which model the final figures describe
+        banner += f"<p>Best-round selection: the model of round {report['selected_round']}, chosen on the sites' validation splits (carved from their training data), is model.pt; the final metrics below are its.</p>"
     settings = _table(list(_flatten({k: v for k, v in study.items() if k != "sites"})), ["setting", "value"])
     if report.get("secure_aggregation_params"):
         secure = "<p>SecAgg+ parameters derived for this study (see docs/secure-aggregation.md):</p>" + _table(
@@ -340,6 +375,8 @@ td:first-child,th:first-child{{text-align:left}} td{{font-variant-numeric:tabula
 Secure aggregation: {'on' if report['secure_aggregation'] else 'off'}. Wall time {report['timing']['wall_s']} s.</p>
 <h2>Final results per site</h2>
 {_table(site_rows, ['site', 'n_train', 'n_test', *[METRIC_LABELS[m] for m in metrics]])}
+<h2>Personalized vs global</h2>
+{_personalization_section(report)}
 <h2>Better than a constant?</h2>
 {_baseline_section(report)}
 <h2>Curves</h2><div class="plots">{''.join(plots)}</div>

@@ -29,6 +29,9 @@ FORMATS = ("table", "smiles")  # smiles: one molecule per row, featurised into a
 INVALID_SMILES = ("error", "skip")
 CONVS = ("graphconv", "gin")
 POOLINGS = ("mean", "add")
+PERSONALIZATION = ("finetune", "fedbn", "ditto", "fenda")
+# Methods that change the model's architecture (norm layers, a local extractor): tabular MLPs only.
+PERSONAL_ARCHITECTURES = ("fedbn", "fenda")
 # Which model names make sense for which task.
 MODELS_FOR_TASK = {
     "binary": ("logistic", "mlp", "gnn"),
@@ -107,6 +110,21 @@ class SitePrivacy:
 
 
 @dataclass(frozen=True)
+class PersonalizationConfig:
+    """The study's ``[personalization]``: a per-site model beside the global one; its parts never leave the site.
+
+    finetune: k steps of the global model on the site's train split at evaluation; fedbn:
+    site-local BatchNorm layers; ditto: a personal model with a proximal term (lambda/2)
+    to each round's global model; fenda: a local feature extractor and head beside the
+    federated extractor.
+    """
+
+    method: str
+    steps: int = 50  # finetune: steps of local fine-tuning before each evaluation
+    lam: float = 0.1  # ditto: weight of the proximal term lambda/2 * ||w_personal - w_global||^2
+
+
+@dataclass(frozen=True)
 class SiteRef:
     """A site taking part in a study, and where its site file is (for simulation)."""
 
@@ -140,6 +158,15 @@ class StudyConfig:
     robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
     path: Path | None = None
     omics: OmicsSelection | None = None  # federated feature selection (study [omics] section)
+    # Imbalance and scale (binary/multitask): pos_weight of BCE ("balanced" = pooled negatives/positives
+    # per task, or one number), local work in epochs of the site's own train split (0 = local_steps),
+    # the output bias set at the pooled training log-odds, best-round selection on a validation split.
+    pos_weight: str | float | None = None
+    local_epochs: float = 0.0
+    init_output_bias: bool = True
+    select_best: bool = False
+    validation_fraction: float = 0.15
+    personalization: PersonalizationConfig | None = None  # study [personalization]: per-site models
 
     @property
     def required_sites(self) -> int:
@@ -279,7 +306,7 @@ def _unknown_tables(doc: dict[str, Any], allowed: set[str], source: str) -> None
 
 def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | None = None) -> StudyConfig:
     """Validate a parsed study document; relative site paths resolve against ``base_dir``."""
-    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation", "robustness", "omics"}, source)
+    _unknown_tables(doc, {"study", "sites", "model", "data", "privacy", "secure_aggregation", "robustness", "omics", "personalization"}, source)
     if "study" not in doc:
         raise ConfigError(f"{source}: the [study] section is missing")
     s = _Section(doc.get("study"), "study", source)
@@ -307,6 +334,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         round_timeout_s=s.positive("round_timeout_s", float, None),
     )
     secure_enabled = s.get("secure_aggregation", bool, True)
+    study.update(_imbalance_options(s, task, source))
     if study["proximal_mu"] < 0:
         raise ConfigError(f"{source}: [study] proximal_mu must be >= 0")
     s.done()
@@ -437,6 +465,7 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
             f"aggregation every site refuses to unmask more than [secure_aggregation] max_dropouts = {secure.max_dropouts} "
             f"dropped sites; set max_dropouts = {missing} (or raise min_sites)"
         )
+    _check_imbalance(study, secure_enabled, privacy, source)
     if "omics" in doc and not secure_enabled:
         raise ConfigError(f"{source}: [omics] feature selection needs secure_aggregation = true: without it the coordinator would see each site's per-feature statistics")
     return StudyConfig(
@@ -448,7 +477,40 @@ def parse_study(doc: dict[str, Any], source: str = "study", base_dir: Path | Non
         secure=secure,
         robustness=robustness,
         omics=_parse_omics(doc["omics"], source) if "omics" in doc else None,
+        personalization=_parse_personalization(doc["personalization"], source, model, privacy.dp) if "personalization" in doc else None,
     )
+
+
+def _imbalance_options(s: _Section, task: str, source: str) -> dict[str, Any]:
+    """[study] pos_weight, local_epochs, init_output_bias, select_best, validation_fraction."""
+    pos_weight = s.get("pos_weight", (str, float), None)
+    if isinstance(pos_weight, str) and pos_weight != "balanced":
+        raise ConfigError(f'{source}: [study] pos_weight must be "balanced" or a positive number, got {pos_weight!r}')
+    if isinstance(pos_weight, float) and not 0 < pos_weight < 1e6:
+        raise ConfigError(f"{source}: [study] pos_weight must be a positive number below 1e6, got {pos_weight}")
+    if pos_weight is not None and task not in ("binary", "multitask"):
+        raise ConfigError(f"{source}: [study] pos_weight applies to binary and multitask studies only, not {task}")
+    options = dict(
+        pos_weight=pos_weight,
+        local_epochs=s.get("local_epochs", float, 0.0),
+        init_output_bias=s.get("init_output_bias", bool, True),
+        select_best=s.get("select_best", bool, False),
+        validation_fraction=s.get("validation_fraction", float, 0.15),
+    )
+    if not 0 <= options["local_epochs"] <= 1000:
+        raise ConfigError(f"{source}: [study] local_epochs must be between 0 (use local_steps) and 1000")
+    if not 0 < options["validation_fraction"] < 0.5:
+        raise ConfigError(f"{source}: [study] validation_fraction must be in (0, 0.5)")
+    return options
+
+
+def _check_imbalance(study: dict[str, Any], secure_enabled: bool, privacy: PrivacyConfig, source: str) -> None:
+    if study["pos_weight"] == "balanced" and not secure_enabled:
+        raise ConfigError(f'{source}: [study] pos_weight = "balanced" needs secure aggregation: the pooled label counts travel through the secure sum, never one site\'s')
+    if study["local_epochs"] and privacy.dp:
+        raise ConfigError(f"{source}: [study] local_epochs cannot be used with dp = true (the DP update bound and noise are set from local_steps); give local_steps")
+    if study["select_best"] and not privacy.evaluation:
+        raise ConfigError(f"{source}: [study] select_best needs [privacy] evaluation = true: the best round is chosen on the sites' validation metrics")
 
 
 def load_study(path: str | Path) -> StudyConfig:
@@ -637,6 +699,27 @@ def _check_table_ids(spec: DataSpec, source: str) -> None:
             raise ConfigError(f"{source}: [tables #{i + 1}] has no id column; set [data] id = \"...\" or id in the table")
         if table.orientation == "genes_by_samples" and table.path.suffix.lower() == ".h5ad":
             raise ConfigError(f"{source}: [tables #{i + 1}] AnnData files are samples x genes; drop orientation")
+
+
+def _parse_personalization(raw: Any, source: str, model: str, dp: bool) -> PersonalizationConfig:
+    """``[personalization]``: refused under DP, where the personal training would spend budget no ledger records."""
+    p = _Section(raw, "personalization", source)
+    config = PersonalizationConfig(
+        method=p.get("method", str, choices=PERSONALIZATION),
+        steps=p.positive("steps", int, 50),
+        lam=p.get("lambda", float, 0.1),
+    )
+    p.done()
+    if config.lam < 0:
+        raise ConfigError(f"{source}: [personalization] lambda must be >= 0")
+    if dp:
+        raise ConfigError(
+            f"{source}: [personalization] is not available with [privacy] dp = true: personal training reads the private "
+            "rows outside the DP-SGD steps the ledger accounts; remove one of the two sections"
+        )
+    if config.method in PERSONAL_ARCHITECTURES and model != "mlp":
+        raise ConfigError(f"{source}: [personalization] method '{config.method}' needs [study] model = \"mlp\" (it adds layers to the MLP), not '{model}'")
+    return config
 
 
 def _parse_omics(raw: Any, source: str) -> OmicsSelection:

@@ -11,16 +11,19 @@ from torch import nn
 NDArrays = list[np.ndarray]
 
 
-def get_weights(model: nn.Module) -> NDArrays:
-    return [t.detach().cpu().numpy().copy() for t in model.state_dict().values()]
+def get_weights(model: nn.Module, keys: list[str] | None = None) -> NDArrays:
+    """The model's tensors, or only those named by ``keys`` (the federated ones of a personalized model)."""
+    state = model.state_dict()
+    return [state[k].detach().cpu().numpy().copy() for k in (state if keys is None else keys)]
 
 
-def set_weights(model: nn.Module, weights: NDArrays) -> None:
-    keys = list(model.state_dict().keys())
+def set_weights(model: nn.Module, weights: NDArrays, keys: list[str] | None = None) -> None:
+    """Load ``weights`` into the model's tensors, or only into those named by ``keys`` (the rest stay)."""
+    keys = list(model.state_dict().keys()) if keys is None else list(keys)
     if len(keys) != len(weights):
         raise ValueError(f"model has {len(keys)} tensors, got {len(weights)}")
     state = OrderedDict((k, torch.as_tensor(np.asarray(w, dtype=np.float32))) for k, w in zip(keys, weights))
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=len(keys) == len(model.state_dict()))
 
 
 def subtract(a: NDArrays, b: NDArrays) -> NDArrays:

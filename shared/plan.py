@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
-from shared.config import ModelOptions, PrivacyConfig, StudyConfig
+from shared.config import ModelOptions, PersonalizationConfig, PrivacyConfig, StudyConfig
 
 PLAN_KEY = "fedhelix.plan"
 ROUND_KEY = "fedhelix.round"
-STAGE_KEY = "fedhelix.stage"  # "stats" / "select" for the secure statistics rounds, absent for training
+STAGE_KEY = "fedhelix.stage"  # "stats" / "select" / "labels" for the secure statistics rounds, absent for training
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,16 @@ class TrainingPlan:
     # candidate omics features, in the study's order, each site reports statistics for.
     selection: dict = field(default_factory=dict)
     candidates: list[str] = field(default_factory=list)
+    # Imbalance and scale: BCE pos_weight per label (the study's number, or with "balanced"
+    # the pooled negatives/positives the label round found; empty = none), local work in
+    # epochs of the site's train split (0 = local_steps), and best-round selection on a
+    # validation split of that many train rows.
+    pos_weight: list[float] = field(default_factory=list)
+    local_epochs: float = 0.0
+    select_best: bool = False
+    validation_fraction: float = 0.15
+    # Study [personalization]: part of what each site approved, so checked like the rest of the plan.
+    personalization: PersonalizationConfig | None = None
 
     @classmethod
     def from_study(cls, study: StudyConfig, features: list[str] | None = None, labels: list[str] | None = None) -> TrainingPlan:
@@ -67,7 +77,17 @@ class TrainingPlan:
             update_bound=study.update_bound,
             stats_bound=study.secure.stats_bound,
             selection=asdict(study.omics) if study.omics else {},
+            pos_weight=[float(study.pos_weight)] if isinstance(study.pos_weight, float) else [],
+            local_epochs=study.local_epochs,
+            select_best=study.select_best,
+            validation_fraction=study.validation_fraction,
+            personalization=study.personalization,
         )
+
+    @property
+    def personal_method(self) -> str | None:
+        """The study's personalization method, or None."""
+        return self.personalization.method if self.personalization else None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -79,4 +99,6 @@ class TrainingPlan:
         privacy = PrivacyConfig(**raw.pop("privacy"))
         opts["hidden"], opts["time_bins"] = tuple(opts["hidden"]), tuple(opts.get("time_bins", ()))
         options = ModelOptions(**opts)
-        return cls(**raw, model_options=options, privacy=privacy)
+        personal = raw.pop("personalization", None)
+        personalization = PersonalizationConfig(**personal) if personal else None
+        return cls(**raw, model_options=options, privacy=privacy, personalization=personalization)

@@ -40,27 +40,33 @@ def hazard_nll_per_patient(logits: torch.Tensor, target: torch.Tensor, cuts: tor
     return (terms * (survived | died).to(logits.dtype)).sum(dim=1)
 
 
-def masked_bce_per_sample(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def masked_bce_per_sample(logits: torch.Tensor, target: torch.Tensor, pos_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Multi-task binary cross-entropy per molecule over its *known* labels (NaN = unknown).
 
     Each molecule's loss is the mean over the tasks it was measured on (0 when
     none), so it stays one per-row term, as per-molecule DP-SGD needs.
     """
     known = ~torch.isnan(target)
-    terms = F.binary_cross_entropy_with_logits(logits, torch.where(known, target, torch.zeros_like(target)), reduction="none")
+    terms = F.binary_cross_entropy_with_logits(logits, torch.where(known, target, torch.zeros_like(target)), reduction="none", pos_weight=pos_weight)
     count = known.sum(-1).clamp(min=1).to(logits.dtype)
     return (terms * known.to(logits.dtype)).sum(-1) / count
 
 
-def per_sample_loss(task: str, model: str = "", time_bins: tuple[float, ...] = ()):
+def per_sample_loss(task: str, model: str = "", time_bins: tuple[float, ...] = (), pos_weight: list[float] | None = None):
     """``loss(output, target) -> tensor of one loss per row``; ``None`` where the loss
-    does not decompose per row (the Cox partial likelihood)."""
+    does not decompose per row (the Cox partial likelihood).
+
+    ``pos_weight`` (binary, multitask: one weight, or one per task) scales the positive
+    term of the cross-entropy, so a rare positive class is not learnt away; it stays a
+    per-row loss, as DP-SGD's per-sample clipping needs.
+    """
+    weight = torch.tensor(pos_weight, dtype=torch.float32) if pos_weight else None
     if task == "binary":
-        return lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction="none")
+        return lambda out, y: F.binary_cross_entropy_with_logits(out, y, reduction="none", pos_weight=weight)
     if task == "regression":
         return lambda out, y: F.mse_loss(out, y, reduction="none")
     if task == "multitask":
-        return masked_bce_per_sample
+        return masked_bce_per_sample if weight is None else lambda out, y: masked_bce_per_sample(out, y, weight)
     if task == "survival" and model == "hazard":
         cuts = torch.tensor(time_bins, dtype=torch.float32)
         return lambda out, y: hazard_nll_per_patient(out, y, cuts)
@@ -69,9 +75,9 @@ def per_sample_loss(task: str, model: str = "", time_bins: tuple[float, ...] = (
     raise ValueError(f"unknown task {task!r}")
 
 
-def loss_for(task: str, model: str = "", time_bins: tuple[float, ...] = ()):
+def loss_for(task: str, model: str = "", time_bins: tuple[float, ...] = (), pos_weight: list[float] | None = None):
     """The training loss of a task and model, as ``loss(output, target) -> scalar``."""
-    per_row = per_sample_loss(task, model, time_bins)
+    per_row = per_sample_loss(task, model, time_bins, pos_weight)
     if per_row is None:
         return cox_partial_nll
     return lambda out, y: per_row(out, y).mean()

@@ -168,6 +168,8 @@ def test_scaffold_partition_keeps_every_scaffold_in_one_site_and_writes_a_runnab
     assert result.returncode == 0, result.stderr
     study = load_study(tmp_path / "out" / "study.toml")
     assert study.task == "binary" and study.model == "gnn" and [s.name for s in study.sites] == ["company_1", "company_2", "company_3"]
+    # defaults for large, imbalanced sets: size-independent pooling, local work in epochs, best round on validation, bias at the log-odds
+    assert study.model_options.pooling == "mean" and study.local_epochs > 0 and study.select_best and study.init_output_bias
     seen: dict[str, str] = {}
     total = 0
     for ref in study.sites:

@@ -7,9 +7,10 @@ The final model and per-site metrics must agree: within the SecAgg+ quantisation
 (every bundled study masks its updates), metrics to 1e-2. DP studies run as their non-DP
 twin: a real node draws its DP noise from the OS, so no two runs of them agree.
 The comparison itself is :mod:`bench.deployed_studies`, which runs all of them and records
-the count. Here, one study per distinct deployed path (tables, omics with federated feature
-selection and standardisation, molecule regression, multitask molecules; TCGA's deployed
-path is ``test_deployment``'s): every study is ``FEDHELIX_ALL_STUDIES=1``, about 3x longer.
+the count. Here, to keep the suite within its time, the two deployed paths no other e2e test
+takes: omics with federated feature selection and standardisation, and molecule graphs
+(tables are ``test_deployment``'s TCGA, ``test_multi_host``'s and ``test_fast_rounds``');
+every study is ``FEDHELIX_ALL_STUDIES=1`` (about 6x longer), and ``bench/deployed_studies.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from bench.deployed_studies import Case, Consortium, compare, consortium, run_or
 
 pytestmark = pytest.mark.e2e
 
-DISTINCT = ("wdbc/study.toml", "gse7390/study.toml", "esol/study.toml", "tox21/study.toml")
+DISTINCT = ("gse7390/study.toml", "esol/study.toml")
 STUDIES = [s for s in run_order() if os.environ.get("FEDHELIX_ALL_STUDIES") == "1" or s in DISTINCT]
 
 
