@@ -7,6 +7,10 @@ certificate itself, with ``VERIFY_X509_PARTIAL_CHAIN``: OpenSSL then accepts exa
 certificate (within its validity) and refuses every other one at the handshake, including
 certificates the consortium CA issued (the server's own) and anything signed with a
 site's node key. Trusting the CA instead would let any CA-issued certificate in.
+
+It also serves, to that same certificate only, the result files of a run from the server's
+runs directory (``GET /fedhelix/v1/runs/<nonce>/<file>``, :data:`server.run_store.RESULT_FILES`):
+the ServerApp writes them on the server host, and ``fedhelix run`` fetches them from here.
 """
 
 from __future__ import annotations
@@ -16,8 +20,12 @@ from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Route
 
 from server.forwarder import Listener, PathRule, create_forwarder
+from server.run_store import RESULTS_ROUTE, find_result
 from shared.pki import check_issued_by, check_validity, load_certificate
 
 CONTROL = PathRule(prefixes=("/v1/control/",), refusal="fedhelix admin listener: only the Control API (/v1/control/) and /health are served on this address")
@@ -43,12 +51,25 @@ def admin_context(cert_file: Path, key_file: Path, admin_cert: Path, ca_file: Pa
     return context
 
 
-def create_admin_app(upstream: str, ca_file: Path | None, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
-    """Forwards the Control API to the SuperLink; a run's log stream may stay quiet for long (no read timeout)."""
+def results_route(runs: Path) -> Route:
+    """``GET /fedhelix/v1/runs/<nonce>/<file>``: one allow-listed file of one run under ``runs``; 404 for anything else."""
+
+    async def serve(request: Request) -> Response:
+        found = find_result(runs, str(request.path_params["nonce"]), str(request.path_params["name"]))
+        if found is None:
+            return JSONResponse({"detail": "fedhelix admin listener: no such run file"}, status_code=404)
+        return FileResponse(found)
+
+    return Route(RESULTS_ROUTE, serve, methods=["GET", "HEAD"])
+
+
+def create_admin_app(upstream: str, ca_file: Path | None, transport: httpx.AsyncBaseTransport | None = None, runs: Path | None = None) -> Starlette:
+    """Forwards the Control API to the SuperLink (a run's log stream may stay quiet for long: no read timeout); serves ``runs``' results."""
     verify = str(ca_file) if ca_file else True
-    return create_forwarder(upstream, CONTROL, verify, timeout=httpx.Timeout(60.0, read=None), transport=transport, name="admin listener")
+    routes = [results_route(runs)] if runs is not None else []
+    return create_forwarder(upstream, CONTROL, verify, timeout=httpx.Timeout(60.0, read=None), transport=transport, name="admin listener", routes=routes)
 
 
-def admin_listener(host: str, port: int, upstream: str, ca_file: Path, cert_file: Path, key_file: Path, admin_cert: Path) -> Listener:
+def admin_listener(host: str, port: int, upstream: str, ca_file: Path, cert_file: Path, key_file: Path, admin_cert: Path, runs: Path | None = None) -> Listener:
     """The admin listener as one of the gateway process's listeners (:func:`server.gateway.serve_listeners`)."""
-    return Listener(host, port, create_admin_app(upstream, ca_file), admin_context(cert_file, key_file, admin_cert, ca_file))
+    return Listener(host, port, create_admin_app(upstream, ca_file, runs=runs), admin_context(cert_file, key_file, admin_cert, ca_file))

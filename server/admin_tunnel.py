@@ -27,6 +27,7 @@ import httpx
 from server.admin_listener import CONTROL
 from server.deployment import CONNECTION, flower_env, flwr_home_for
 from server.forwarder import create_forwarder, server_context, serving_in_background
+from server.run_store import RESULT_FILES
 from shared.errors import ConfigError, FedhelixError
 from shared.kits import read_kit
 from shared.pki import cert_pem, check_issued_by, check_owner_only, check_validity, load_certificate, key_pem, self_signed_server, split_address, write_private, write_public
@@ -117,3 +118,32 @@ def flwr_json(home: Path, args: list[str], what: str, address: str) -> dict:
         detail = lines[-1] if lines else f"flwr exit code {done.returncode}"
         raise FedhelixError(f"{what} from {address} failed: {detail}")
     return doc
+
+
+def fetch_results(kit: AdminKit, nonce: str, into: Path, names: tuple[str, ...] = RESULT_FILES) -> list[str]:
+    """Copy run ``nonce``'s result files from the server's admin listener into ``into``; the names fetched.
+
+    A file the run did not write (e.g. ``model.pt`` of a failed run) is skipped. A kit from
+    before the admin listener fetches nothing (its admin works on the server host).
+    """
+    if kit.admin_address is None:
+        return []
+    fetched = []
+    into.mkdir(parents=True, exist_ok=True)
+    try:
+        with httpx.Client(base_url=f"https://{kit.admin_address}", verify=admin_client_context(kit), timeout=httpx.Timeout(60.0)) as client:
+            for name in names:
+                with client.stream("GET", f"/fedhelix/v1/runs/{nonce}/{name}") as reply:
+                    if reply.status_code == 404:
+                        continue
+                    if reply.status_code != 200:
+                        raise FedhelixError(f"fetching {name} of run {nonce} from {kit.admin_address} failed: HTTP {reply.status_code}")
+                    tmp = into / f".{name}.part"
+                    with tmp.open("wb") as fh:
+                        for chunk in reply.iter_bytes():
+                            fh.write(chunk)
+                    tmp.replace(into / name)
+                    fetched.append(name)
+    except httpx.HTTPError as err:
+        raise FedhelixError(f"fetching the results of run {nonce} from {kit.admin_address} failed: {err or type(err).__name__}") from None
+    return fetched

@@ -31,6 +31,7 @@ from server.federated_stats import needs_federated_stats, needs_label_round, sec
 from server.grid_tap import Observer, TappedGrid
 from server.handshake import handshake
 from server.recorder import RunRecorder
+from server.run_store import deployed_run_dir, runs_dir_from_env
 from server.report import write_reports
 from server.secure_aggregation import StrictSecAggPlus
 from server.short_poll import ShortPollGrid, poll_interval
@@ -58,6 +59,8 @@ def run_study(grid: Grid, context: Context, study: StudyConfig, out_dir: Path, o
     With ``resume``, continue from the last complete round checkpointed in ``out_dir``.
     """
     ckpt = load_checkpoint(out_dir, study) if resume else None  # refused before anything in out_dir changes
+    if ckpt is not None:  # Flower's logger: its lines reach the admin's `fedhelix run` stream
+        logging.getLogger("flwr").info("resuming study '%s' after round %d of %d from %s", study.name, ckpt.round, study.rounds, out_dir)
     recorder = RunRecorder(out_dir, study.task)
     if ckpt is not None:
         recorder.restore(ckpt.rounds, ckpt.failures)
@@ -151,6 +154,8 @@ def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: st
     """Build the ServerApp; arguments pin the study and output (else taken from run config).
 
     ``resume`` (or run config ``resume = "RUN_DIR"``) continues from the run directory's checkpoint.
+    Under ``fedhelix server`` the run directory is ``RUNS/<study>/<nonce>`` (:mod:`server.run_store`)
+    and run config ``resume`` only says to continue this run there.
 
     ``observe`` receives every (sent, replies) exchange of the coordinator (tests, audits).
     """
@@ -162,7 +167,14 @@ def create_server_app(study: StudyConfig | str | Path | None = None, out_dir: st
         if not isinstance(study, StudyConfig):
             study = _study_from_run_config(context.run_config, study)
         resume_dir = str(context.run_config.get("resume", "") or "")
-        out = Path(out_dir) if out_dir else resolve_path(resume_dir) if resume_dir else resolve_path(str(context.run_config.get("out", "runs"))) / study.name
+        runs = runs_dir_from_env()
+        if out_dir:
+            out = Path(out_dir)
+        elif runs is not None:  # deployed: the server's runs directory, never a path the admin chose (server.run_store)
+            out, resumes = deployed_run_dir(runs, context.run_config, study.name)
+            resume_dir = str(out) if resumes else ""
+        else:
+            out = resolve_path(resume_dir) if resume_dir else resolve_path(str(context.run_config.get("out", "runs"))) / study.name
         if STUDY_B64_KEY in context.run_config and context.run_config[STUDY_B64_KEY]:
             out.mkdir(parents=True, exist_ok=True)
             (out / "study.toml").write_bytes(decode_study(str(context.run_config[STUDY_B64_KEY])))  # what was run

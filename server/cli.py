@@ -165,9 +165,9 @@ def server_command(
 def run_command(
     study: Annotated[Path, typer.Argument(help="The study file (TOML) to run across the consortium.")],
     kit: Annotated[Path, typer.Option("--kit", help="The admin kit directory (kits/admin).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Directory for the run's report, model and metrics (per study name).")] = Path("runs"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Directory on this machine for the run's identity and the report, model and metrics fetched from the server (per study name).")] = Path("runs"),
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print every line of Flower's log, not only progress.")] = False,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run (its run directory, e.g. runs/<study>) from its last checkpointed round; same study file and run identity, next attempt.")] = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue an interrupted run (its run directory here, e.g. runs/<study>) from the last round checkpointed on the server; same study file and run identity, next attempt.")] = None,
     retry: Annotated[Path | None, typer.Option("--retry", help="Start a run that failed before its first checkpoint (its run directory) again from round 1, under the same run identity (next attempt).")] = None,
     valid_hours: Annotated[float, typer.Option("--valid-hours", help="Sites admit the signed run for this many hours from now (at most 720).")] = 24.0,
 ) -> None:

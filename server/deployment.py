@@ -25,6 +25,7 @@ from pathlib import Path
 
 import psutil
 
+from server.run_store import RUNS_ENV
 from shared.errors import ConfigError, FedhelixError
 from shared.flower_env import flower_process_env
 from shared.flower_polling import FAST, TASK_POLL_ENV
@@ -45,6 +46,11 @@ class ServerKit:
     link_port: int
     database: Path
     admin_listen: str | None = None  # the admin listener's bind address; None: a kit from before it (Control on loopback only)
+    runs: Path | None = None  # where deployed runs write (server.run_store); None: PATH/runs
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.runs or self.path / "runs"
 
     @property
     def ca(self) -> Path:
@@ -76,7 +82,11 @@ def load_server_kit(path: Path) -> ServerKit:
     admin_listen = str(s["admin_listen"]) if "admin_listen" in s else None
     if admin_listen is not None:
         split_address(admin_listen, f"{path}/server.toml admin_listen")
-    return ServerKit(path, str(s["consortium"]), str(s["listen"]), int(s["link_port"]), database if database.is_absolute() else path / database, admin_listen)
+    runs = Path(str(s.get("runs", "runs")))
+    return ServerKit(
+        path, str(s["consortium"]), str(s["listen"]), int(s["link_port"]), database if database.is_absolute() else path / database, admin_listen,
+        runs if runs.is_absolute() else path / runs,
+    )  # fmt: skip
 
 
 def check_server_kit(kit: ServerKit) -> None:
@@ -122,7 +132,7 @@ def gateway_command(kit: ServerKit) -> list[str]:
     command = [sys.executable, "-m", "server.gateway", host, str(port), f"https://{kit.link_address}", str(kit.ca), str(kit.cert), str(kit.key)]
     if kit.admin_listen is not None:
         admin_host, admin_port = split_address(kit.admin_listen)
-        command += [admin_host, str(admin_port), str(kit.admin_cert)]
+        command += [admin_host, str(admin_port), str(kit.admin_cert), str(kit.runs_dir)]
     return command
 
 
@@ -248,6 +258,8 @@ def start_server(kit_path: Path, log_dir: Path | None = None) -> RunningServer:
     home = flwr_home_for(kit.ca, kit.link_address, kit.database.parent / "flwr-home")
     env = flower_env(home)
     env.setdefault(TASK_POLL_ENV, str(FAST.run_start_s))  # SuperExec starts a study's ServerApp within 0.5 s
+    kit.runs_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    env[RUNS_ENV] = str(kit.runs_dir.resolve())  # inherited by SuperExec and the ServerApp: where every run writes
     link_log = open(log_dir / "superlink.log", "ab")  # noqa: SIM115 - owned by the process
     superlink = subprocess.Popen(superlink_command(kit), env=env, stdout=link_log, stderr=subprocess.STDOUT, start_new_session=True)
     gateway = None

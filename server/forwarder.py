@@ -17,7 +17,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -55,11 +55,12 @@ def create_forwarder(
     timeout: httpx.Timeout | float = 600.0,
     transport: httpx.AsyncBaseTransport | None = None,
     name: str = "gateway",
+    routes: Sequence[Route] = (),
 ) -> Starlette:
     """An ASGI app forwarding the paths ``rule`` allows to ``upstream`` (``https://HOST:PORT``); 403 for the rest.
 
     ``verify`` checks the upstream's certificate (an ``SSLContext`` may also carry a client
-    certificate); ``transport`` replaces the network (tests).
+    certificate); ``transport`` replaces the network (tests); ``routes`` are served here, ahead of forwarding.
     """
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=timeout, transport=transport)
     log = logging.getLogger(f"fedhelix.{name.replace(' ', '-')}")
@@ -93,7 +94,7 @@ def create_forwarder(
         yield
         await client.aclose()
 
-    return Starlette(routes=[Route("/{path:path}", forward, methods=METHODS)], lifespan=lifespan)
+    return Starlette(routes=[*routes, Route("/{path:path}", forward, methods=METHODS)], lifespan=lifespan)
 
 
 def uvicorn_server(app: Starlette, context: ssl.SSLContext, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> uvicorn.Server:

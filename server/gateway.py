@@ -9,7 +9,8 @@ loopback only, and this one process serves two listeners in front of it:
   and answers 403 to everything else;
 * the **admin listener** (:mod:`server.admin_listener`, on the kit's ``admin_listen``)
   forwards ``/v1/control/...`` and ``/health``, and only to a client that presents the
-  admin's own certificate (mutual TLS; any other certificate fails the handshake).
+  admin's own certificate (mutual TLS; any other certificate fails the handshake); it also
+  serves a finished run's result files from the server's runs directory (:mod:`server.run_store`).
 
 Both use :mod:`server.forwarder`; both stop together (one signal handler for the two).
 """
@@ -44,22 +45,25 @@ def create_gateway(upstream: str, ca_file: Path | None, timeout_s: float = 600.0
     return create_forwarder(upstream, FLEET, str(ca_file) if ca_file else True, timeout=timeout_s, transport=transport, name="gateway")
 
 
-def serve_gateway(listen_host: str, listen_port: int, upstream: str, ca_file: Path, cert_file: Path, key_file: Path, admin: tuple[str, int, Path] | None = None) -> None:
-    """Run the site gateway (and the admin listener, ``admin`` = host, port, admin certificate) in the foreground."""
+def serve_gateway(
+    listen_host: str, listen_port: int, upstream: str, ca_file: Path, cert_file: Path, key_file: Path, admin: tuple[str, int, Path, Path | None] | None = None
+) -> None:
+    """Run the site gateway (and the admin listener, ``admin`` = host, port, admin certificate, runs directory) in the foreground."""
     listeners = [Listener(listen_host, listen_port, create_gateway(upstream, ca_file), server_context(str(cert_file), str(key_file)))]
     if admin is not None:
-        host, port, admin_cert = admin
-        listeners.append(admin_listener(host, port, upstream, ca_file, cert_file, key_file, admin_cert))
+        host, port, admin_cert, runs = admin
+        listeners.append(admin_listener(host, port, upstream, ca_file, cert_file, key_file, admin_cert, runs))
     asyncio.run(serve_listeners(listeners))
 
 
-if __name__ == "__main__":  # python -m server.gateway HOST PORT UPSTREAM CA CERT KEY [ADMIN_HOST ADMIN_PORT ADMIN_CERT] (`fedhelix server`)
+if __name__ == "__main__":  # python -m server.gateway HOST PORT UPSTREAM CA CERT KEY [ADMIN_HOST ADMIN_PORT ADMIN_CERT [RUNS_DIR]] (`fedhelix server`)
     import sys
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s fedhelix-gateway: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request is noise
     host, port, upstream, ca, cert, key = sys.argv[1:7]
-    admin_args = (sys.argv[7], int(sys.argv[8]), Path(sys.argv[9])) if len(sys.argv) >= 10 else None
+    runs_arg = Path(sys.argv[10]) if len(sys.argv) >= 11 else None
+    admin_args = (sys.argv[7], int(sys.argv[8]), Path(sys.argv[9]), runs_arg) if len(sys.argv) >= 10 else None
     from shared.errors import FedhelixError
 
     try:

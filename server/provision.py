@@ -187,6 +187,7 @@ def _server_values(config: ConsortiumConfig) -> dict[str, object]:
         "link_port": config.link_port,
         "admin_listen": f"{ADMIN_BIND}:{split_address(config.admin_endpoint)[1]}",
         "database": "state/superlink.db",
+        "runs": "runs",
         "sites": list(config.sites),
     }
 
@@ -235,7 +236,9 @@ Start: `fedhelix server --kit THIS_DIR`. Sites dial port {port} (open it to the 
 only). Only the Fleet API (`/v1/fleet/`) and `/health` are reachable there; the SuperLink itself
 listens on 127.0.0.1:{link}. The admin dials {admin} (`admin_listen` in server.toml): the Control
 API, only for a client presenting `admin.crt`, the admin's certificate (open it to the admin's
-address only).
+address only). Every study writes its report, metrics, model and checkpoint to
+`runs/<study>/<run nonce>/` here (`runs` in server.toml); `fedhelix run` fetches the results
+from the admin listener when the run ends.
 """
 
 ADMIN_README = """# {name}: admin kit

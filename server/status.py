@@ -2,7 +2,8 @@
 
 What Flower's ``flwr supernode ls`` and ``flwr ls`` report through the admin listener (nodes
 registered and online, runs and their status), beside the roster of the admin kit, plus the
-newest run directory visible on this machine (its last round's mean metrics).
+newest run directory on this machine (its last round's mean metrics), its metrics and report
+first brought up to date from the server's copy (a run still going shows its latest round).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.admin_tunnel import AdminKit, control_home, flwr_json, load_admin_kit
+from server.admin_tunnel import AdminKit, control_home, fetch_results, flwr_json, load_admin_kit
 from server.submit import load_roster
 
 
@@ -38,12 +39,26 @@ class ConsortiumStatus:
         return sum(1 for node in self.nodes if node.get("status") == "online")
 
 
-def newest_local_run(runs_dir: Path) -> LocalRun | None:
+def newest_run_dir(runs_dir: Path) -> Path | None:
     """The most recently changed run directory under ``runs_dir`` (one that ``fedhelix run`` or the ServerApp wrote)."""
     candidates = [p for p in Path(runs_dir).glob("*") if (p / "run-identity.json").exists() or (p / "metrics.jsonl").exists()]
-    if not candidates:
+    return max(candidates, key=lambda p: max(f.stat().st_mtime for f in p.iterdir())) if candidates else None
+
+
+def refresh_from_server(kit: AdminKit, run_dir: Path) -> list[str]:
+    """Fetch the run's metrics and report from the server into ``run_dir`` (names fetched; none for an older kit or no identity)."""
+    try:
+        nonce = str(json.loads((run_dir / "run-identity.json").read_text())["nonce"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return fetch_results(kit, nonce, run_dir, names=("metrics.jsonl", "report.json"))
+
+
+def newest_local_run(runs_dir: Path) -> LocalRun | None:
+    """How far the newest run directory under ``runs_dir`` got, by its metrics and report."""
+    newest = newest_run_dir(runs_dir)
+    if newest is None:
         return None
-    newest = max(candidates, key=lambda p: max(f.stat().st_mtime for f in p.iterdir()))
     lines = (newest / "metrics.jsonl").read_text().splitlines() if (newest / "metrics.jsonl").exists() else []
     last = json.loads(lines[-1]) if lines else {}
     mean = {k: v for k, v in last.get("evaluate", {}).get("mean", {}).items() if isinstance(v, int | float)}
@@ -59,5 +74,7 @@ def consortium_status(kit_path: Path, runs_dir: Path | None = Path("runs")) -> C
         nodes = flwr_json(home, ["supernode", "ls"], "listing the nodes", kit.address).get("nodes", [])
         runs = flwr_json(home, ["ls"], "listing the runs", kit.address).get("runs", [])
     runs = sorted(runs, key=lambda r: str(r.get("pending-at", "")), reverse=True)
+    if runs_dir is not None and Path(runs_dir).is_dir() and (newest := newest_run_dir(runs_dir)) is not None:
+        refresh_from_server(kit, newest)
     local = newest_local_run(runs_dir) if runs_dir is not None and Path(runs_dir).is_dir() else None
     return ConsortiumStatus(kit, tuple(load_roster(kit.path)), list(nodes), list(runs), local)

@@ -10,6 +10,10 @@ The run identity is written to ``RUN_DIR/run-identity.json`` before anything is 
 resume (``--resume``) or a restart (``--retry``) of that run re-signs the same nonce with
 the next attempt number, which each site admits up to the resumes it approved; a new
 ``fedhelix run`` is a new nonce, one of the runs a site approved.
+
+The ServerApp writes its results on the server host, in the server kit's runs directory under
+the run's nonce (:mod:`server.run_store`); when the run ends they are fetched over the admin
+listener into ``RUN_DIR`` (:func:`server.admin_tunnel.fetch_results`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.admin_tunnel import AdminKit, control_home, flwr_json, load_admin_kit  # noqa: F401 - AdminKit, load_admin_kit: re-exported
+from server.admin_tunnel import AdminKit, control_home, fetch_results, flwr_json, load_admin_kit  # noqa: F401 - AdminKit, load_admin_kit: re-exported
 from server.checkpoint import CHECKPOINT_FILE, load_checkpoint
 from server.deployment import CONNECTION, flower_env
+from server.run_store import study_dirname
 from shared.approval import (
     DEFAULT_VALID_HOURS,
     RunManifest,
@@ -99,7 +104,7 @@ class Submission:
     out_dir: Path
     manifest: RunManifest
     returncode: int
-    report_here: bool = True  # False: the admin is off the server host and the run directory is there only
+    report_here: bool = True  # False: the results stayed on the server host (an admin kit from before the admin listener)
 
 
 def stage_app(fab: bytes, into: Path) -> Path:
@@ -124,9 +129,8 @@ def submit_study(
 ) -> Submission:
     """Sign and submit; streams Flower's log lines to ``on_line``; returns when the run ends.
 
-    ``resume``: an interrupted run directory of this study; the ServerApp continues it from its
-    last checkpointed round (the run directory is where the ServerApp writes, on the server host;
-    the admin's machine sees it there or through a shared path).
+    ``resume``: an interrupted run directory of this study (here, holding its run-identity.json); the
+    ServerApp continues that run (its nonce) from the last round checkpointed on the server host.
     ``retry``: a run directory of this study that failed before any checkpoint; it starts again
     from round 1. Both re-sign the run's identity with the next attempt number.
     ``valid_hours``: the sites admit the signed run until this many hours from now.
@@ -150,11 +154,11 @@ def submit_study(
     note = None
     if resume is not None:
         run_dir = Path(resume).resolve()
-        if (run_dir / CHECKPOINT_FILE).exists() or kit.admin_address is None:
-            done = load_checkpoint(run_dir, study)  # no checkpoint, or another study's: one line, before anything is sent
+        if (run_dir / CHECKPOINT_FILE).exists():  # a checkpoint visible here (a run dir shared with an older server): checked now
+            done = load_checkpoint(run_dir, study)
             note = f"resuming study '{study.name}' after round {done.round} of {study.rounds} from {run_dir}"
-        else:  # an admin off the server host: the checkpoint is there, and the ServerApp checks it before any site is asked
-            note = f"resuming study '{study.name}' from {run_dir} on the server host (its checkpoint is checked there)"
+        else:  # the checkpoint is on the server host, and the ServerApp checks it before any site is asked
+            note = f"resuming study '{study.name}' ({run_dir}); the server checks its checkpoint"
     elif retry is not None:
         run_dir = Path(retry).resolve()
         if run_dir.name != study.name:
@@ -184,9 +188,10 @@ def submit_study(
     if clash:
         raise ConfigError(f"run config key(s) {', '.join(clash)} are set by `fedhelix run` itself")
     config: dict[str, str | int | float] = {**(run_config or {}), **signed, "out": str(out_dir)}
-    if resume is not None:
-        config["resume"] = str(run_dir)
+    if resume is not None:  # the run to continue: its nonce (an older kit's admin, on the server host: the path)
+        config["resume"] = identity.nonce if kit.admin_address is not None else str(run_dir)
     write_run_identity(run_dir, identity, expires)
+    (run_dir / "report.json").unlink(missing_ok=True)  # an earlier attempt's verdict is not this one's
     if on_line is not None:
         if note:
             on_line(note)
@@ -207,20 +212,24 @@ def submit_study(
             if on_line is not None:
                 on_line(line.rstrip("\n"))
         code = proc.wait(timeout=timeout_s)
-        remote_status = None  # the run's status on the server, when its report is not visible on this machine
-        if code == 0 and not (run_dir / "report.json").exists() and run_id is not None and kit.admin_address is not None:
+        fetched = fetch_results(kit, identity.nonce, run_dir) if code == 0 else []  # from the server's runs directory
+        if fetched and on_line is not None:
+            on_line(f"study '{study.name}': fetched {', '.join(fetched)} from the server into {run_dir}")
+        remote_status = None  # the run's status on the server, when its report is not on this machine
+        if code == 0 and not (run_dir / "report.json").exists() and run_id is not None:
             runs = flwr_json(home, ["ls", "--run-id", str(run_id)], f"reading the status of run {run_id}", kit.address).get("runs", [])
             remote_status = str(runs[0].get("status", "unknown")) if runs else "unknown"
     if code != 0:
         raise FedhelixError(f"submitting study '{study.name}' to {kit.address} failed (flwr exit code {code}); see the lines above")
     # `flwr run --stream` exits 0 even when the ServerApp failed: the report is the verdict.
     report_path = run_dir / "report.json"
+    where = f"on the server host in the server kit's runs/{study_dirname(study.name)}/{identity.nonce}"
     if not report_path.exists() and remote_status == "finished:completed":
         if on_line is not None:
-            on_line(f"study '{study.name}' completed (run {run_id}); report.json, report.html and model.pt are on the server host in {run_dir}")
+            on_line(f"study '{study.name}' completed (run {run_id}); report.json, report.html and model.pt are {where}")
         return Submission(run_id, run_dir, manifest, code, report_here=False)
     if not report_path.exists() and remote_status is not None:
-        raise FedhelixError(f"study '{study.name}' ended {remote_status} (run {run_id}); its report is on the server host in {run_dir}")
+        raise FedhelixError(f"study '{study.name}' ended {remote_status} (run {run_id}); its report is {where}")
     if not report_path.exists():
         raise FedhelixError(f"study '{study.name}' ended without a report in {report_path.parent}; see the server's superlink.log")
     report = json.loads(report_path.read_text())

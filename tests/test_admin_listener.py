@@ -79,11 +79,28 @@ def superlink(reached: list[str]) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
 
+NONCE = "0123456789abcdef0123456789abcdef"
+
+
 @pytest.fixture(scope="module")
-def admin_port(kits: Path, superlink: httpx.MockTransport) -> Iterator[int]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A server's runs directory holding one finished run, a server-only checkpoint and, beside it, a secret."""
+    root = tmp_path_factory.mktemp("server-host")
+    run = root / "runs" / "study-a" / NONCE
+    run.mkdir(parents=True)
+    (run / "report.json").write_text('{"status": "completed"}')
+    (run / "metrics.jsonl").write_text('{"round": 1, "evaluate": {"mean": {"c_index": 0.6}}}\n{"round": 2, "evaluate": {"mean": {"c_index": 0.7}}}\n')
+    (run / "model.pt").write_bytes(bytes(range(256)) * 64)
+    (run / "checkpoint.pt").write_bytes(b"server only")
+    (root / "secret.txt").write_text("not for the admin")
+    return root / "runs"
+
+
+@pytest.fixture(scope="module")
+def admin_port(kits: Path, superlink: httpx.MockTransport, runs: Path) -> Iterator[int]:
     s = kits / "ours" / "server"
     context = admin_context(s / "server.crt", s / "server.key", s / "admin.crt", s / "ca.crt")
-    with serving_in_background(create_admin_app("https://127.0.0.1:9093", None, transport=superlink), context) as port:
+    with serving_in_background(create_admin_app("https://127.0.0.1:9093", None, transport=superlink, runs=runs), context) as port:
         yield port
 
 
@@ -305,3 +322,85 @@ def test_status_reads_the_newest_run_directory_visible_here(tmp_path: Path) -> N
     local = newest_local_run(tmp_path)
     assert local is not None and local.path == new
     assert (local.rounds_done, local.mean, local.status) == (2, {"c_index": 0.7}, "running or interrupted")
+
+
+def get(port: int, kits: Path, path: str, cert: tuple[str, str] | None) -> httpx.Response:
+    context = ssl.create_default_context(cafile=str(kits / "ours" / "ca" / "ca.crt"))
+    if cert is not None:
+        context.load_cert_chain(*cert)
+    with httpx.Client(verify=context, timeout=10) as client:
+        return client.get(f"https://127.0.0.1:{port}{path}")
+
+
+def test_the_admin_fetches_a_runs_allowed_result_files_and_nothing_else(kits: Path, admin_port: int, runs: Path, reached: list[str]) -> None:
+    before = len(reached)
+    run = runs / "study-a" / NONCE
+    for name in ("report.json", "model.pt"):
+        reply = get(admin_port, kits, f"/fedhelix/v1/runs/{NONCE}/{name}", admin_pair(kits))
+        assert reply.status_code == 200 and reply.content == (run / name).read_bytes(), name
+    refused = [
+        f"/fedhelix/v1/runs/{NONCE}/checkpoint.pt",  # on disk, not on the allow-list
+        f"/fedhelix/v1/runs/{NONCE}/report.html",  # allowed, not written
+        f"/fedhelix/v1/runs/{NONCE.upper()}/report.json",  # not the nonce's form
+        f"/fedhelix/v1/runs/{NONCE[:-1]}/report.json",
+        "/fedhelix/v1/runs/*/report.json",
+        f"/fedhelix/v1/runs/{NONCE}/..%2F..%2F..%2Fsecret.txt",
+        f"/fedhelix/v1/runs/{NONCE}/%2E%2E",
+        "/fedhelix/v1/runs/..%2F..%2Fsecret.txt/report.json",
+    ]
+    for path in refused:
+        reply = get(admin_port, kits, path, admin_pair(kits))
+        assert reply.status_code in (403, 404) and b"not for the admin" not in reply.content and b"server only" not in reply.content, path
+        assert reply.status_code == 404 or "%" in path, (path, reply.status_code)  # the forwarder's rule refuses encoded paths outright
+    assert len(reached) == before  # none of it went to the SuperLink
+
+
+def test_run_results_need_the_admin_certificate_and_the_site_gateway_never_serves_them(kits: Path, admin_port: int, site_port: int, reached: list[str], tmp_path: Path) -> None:
+    path = f"/fedhelix/v1/runs/{NONCE}/report.json"
+    for what, cert in {"no certificate": None, "the server's own certificate": refused_certificates(kits, tmp_path)["the server's own certificate"]}.items():
+        with pytest.raises(httpx.TransportError):
+            get(admin_port, kits, path, cert)
+            pytest.fail(f"{what} was let in")
+    before = len(reached)
+    for cert in (None, admin_pair(kits)):
+        reply = get(site_port, kits, path, cert)
+        assert reply.status_code == 403 and "only the Fleet API" in reply.json()["detail"]
+    assert len(reached) == before
+
+
+def test_the_admin_side_fetch_copies_the_runs_files_into_the_local_run_directory(kits: Path, admin_port: int, runs: Path, tmp_path: Path) -> None:
+    from server.admin_tunnel import fetch_results
+
+    admin = tmp_path / "admin-kit"
+    admin.mkdir()
+    for name in ("admin.crt", "admin.key", "ca.crt"):
+        (admin / name).write_bytes((kits / "ours" / "admin" / name).read_bytes())
+    os.chmod(admin / "admin.key", 0o600)
+    (admin / "admin.toml").write_text(f'[admin]\nconsortium = "adm"\nadmin_address = "127.0.0.1:{admin_port}"\n')
+    local = tmp_path / "runs" / "study-a"
+    assert fetch_results(load_admin_kit(admin), NONCE, local) == ["report.json", "metrics.jsonl", "model.pt"]
+    assert (local / "model.pt").read_bytes() == (runs / "study-a" / NONCE / "model.pt").read_bytes()
+    assert sorted(p.name for p in local.iterdir()) == ["metrics.jsonl", "model.pt", "report.json"]  # no checkpoint, no partial files
+    assert fetch_results(load_admin_kit(admin), "f" * 32, tmp_path / "none") == []  # an unknown run: nothing
+
+
+def test_status_brings_the_newest_local_run_up_to_date_from_the_server(kits: Path, admin_port: int, tmp_path: Path) -> None:
+    import json
+
+    from server.status import newest_local_run, refresh_from_server
+
+    admin = tmp_path / "admin-kit"
+    admin.mkdir()
+    for name in ("admin.crt", "admin.key", "ca.crt"):
+        (admin / name).write_bytes((kits / "ours" / "admin" / name).read_bytes())
+    os.chmod(admin / "admin.key", 0o600)
+    (admin / "admin.toml").write_text(f'[admin]\nconsortium = "adm"\nadmin_address = "127.0.0.1:{admin_port}"\n')
+    local = tmp_path / "runs" / "study-a"
+    local.mkdir(parents=True)
+    (local / "run-identity.json").write_text(json.dumps({"nonce": NONCE, "attempt": 1, "study_sha256": "x"}))
+    before = newest_local_run(tmp_path / "runs")
+    assert before is not None and (before.rounds_done, before.status) == (0, "running or interrupted")  # nothing fetched yet
+    assert refresh_from_server(load_admin_kit(admin), local) == ["metrics.jsonl", "report.json"]  # never the model, for a status
+    after = newest_local_run(tmp_path / "runs")
+    assert after is not None and (after.rounds_done, after.mean, after.status) == (2, {"c_index": 0.7}, "completed")
+    assert not (local / "model.pt").exists()

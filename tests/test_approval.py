@@ -485,7 +485,8 @@ def test_fedhelix_run_signs_a_fresh_identity_and_retry_re_signs_it_with_the_next
     sent: list[dict] = []
 
     class Started:  # `flwr run` that starts the run and ends; no ServerApp writes a report
-        stdout = iter(["Successfully started run 4242424242\n"])
+        def __init__(self) -> None:
+            self.stdout = iter(["Successfully started run 4242424242\n"])
 
         def wait(self, timeout: float | None = None) -> int:
             return 0
@@ -496,10 +497,13 @@ def test_fedhelix_run_signs_a_fresh_identity_and_retry_re_signs_it_with_the_next
         return Started()
 
     monkeypatch.setattr(submit.subprocess, "Popen", popen)
+    fetched: list[str] = []  # the run nonces whose results `fedhelix run` fetched from the server once the run ended
+    monkeypatch.setattr(submit, "fetch_results", lambda kit, nonce, into: fetched.append(nonce) or [])
+    monkeypatch.setattr(submit, "flwr_json", lambda *args: {"runs": [{"status": "finished:failed"}]})
     lines: list[str] = []
 
     def run(**kwargs: object) -> dict:
-        with pytest.raises(submit.FedhelixError, match="ended without a report"):
+        with pytest.raises(submit.FedhelixError, match="ended finished:failed \\(run 4242424242\\); its report is on the server host"):
             submit.submit_study(STUDY, tmp_path / "kits" / "admin", tmp_path / "runs", on_line=lines.append, **kwargs)
         return sent[-1]
 
@@ -508,6 +512,7 @@ def test_fedhelix_run_signs_a_fresh_identity_and_retry_re_signs_it_with_the_next
     first = run()
     run_dir = tmp_path / "runs" / "demo-tcga"
     assert json.loads((run_dir / "run-identity.json").read_text())["nonce"] == first[NONCE_KEY] and first[ATTEMPT_KEY] == 1
+    assert fetched == [first[NONCE_KEY]]
     assert set(decode_roster(first[ROSTER_KEY])) == {"northeast", "south"}
     expires = dt.datetime.fromisoformat(first[EXPIRES_KEY])
     assert dt.timedelta(hours=23.9) < expires - dt.datetime.now(dt.UTC) <= dt.timedelta(hours=24)

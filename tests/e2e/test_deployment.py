@@ -29,7 +29,7 @@ from server.deployment import RunningServer, flower_env, flwr_home_for, start_se
 from server.provision import ConsortiumConfig, add_site, provision
 from server.admin_tunnel import load_admin_kit
 from server.submit import load_roster, submit_study
-from shared.approval import ROSTER_KEY, build_app_fab, code_digest_of_project, decode_roster, expiry_after, new_run_nonce, signed_run_config
+from shared.approval import NONCE_KEY, ROSTER_KEY, build_app_fab, code_digest_of_project, decode_roster, expiry_after, new_run_nonce, signed_run_config
 from shared.config import load_site
 from shared.errors import FedhelixError
 from shared.paths import PROJECT_ROOT
@@ -136,6 +136,14 @@ def test_signed_approved_study_runs_with_secagg_and_dp(consortium: Consortium) -
         assert summary.kinds.get("update", 0) == 2 and summary.kinds.get("handshake", 0) >= 1
     assert (submission.out_dir / "study.toml").read_bytes() == consortium.study.read_bytes()  # what was run
     assert (submission.out_dir / "report.html").exists() and (submission.out_dir / "model.pt").exists()
+    # The ServerApp wrote on the server host, in the server kit's runs directory under the run's nonce, never in the
+    # admin's --out; what the admin holds was fetched over the admin listener.
+    on_server = consortium.server.kit.runs_dir / "deployed-tcga" / submission.manifest.nonce
+    assert on_server.resolve().is_relative_to((consortium.kits / "server" / "runs").resolve())
+    for name in ("report.json", "report.html", "metrics.jsonl", "model.pt", "study.toml"):
+        assert (submission.out_dir / name).read_bytes() == (on_server / name).read_bytes(), name
+    assert (on_server / "checkpoint.pt").exists() and not (submission.out_dir / "checkpoint.pt").exists()  # server-side only
+    assert sorted(p.name for p in submission.out_dir.iterdir()) == ["metrics.jsonl", "model.pt", "report.html", "report.json", "run-identity.json", "study.toml"]
 
 
 def test_the_proxied_node_reaches_the_server_only_through_its_proxy(consortium: Consortium) -> None:
@@ -166,8 +174,10 @@ def refused_everywhere(c: Consortium, fab: bytes, config: dict, workdir: Path, c
     """Send ``fab`` with ``config`` as a new run; every node must refuse it with ``code`` and train nothing."""
     before = {name: ledger_entries(c, name) for name in SITES}
     out = workdir / "runs"
-    done = run_fab_as_is(c.kits / "admin", fab, {**config, "out": str(out)}, workdir)  # `out` is not signed: where the server writes
-    report = json.loads((out / "deployed-tcga" / "report.json").read_text()) if (out / "deployed-tcga" / "report.json").exists() else {}
+    done = run_fab_as_is(c.kits / "admin", fab, {**config, "out": str(out)}, workdir)  # `out` is not signed, and a deployed server ignores it
+    assert not out.exists()  # the ServerApp writes in the server's runs directory, under the run's nonce
+    written = sorted((c.server.kit.runs_dir / "deployed-tcga").glob(f"{config[NONCE_KEY]}*/report.json"), key=lambda p: p.stat().st_mtime)
+    report = json.loads(written[-1].read_text()) if written else {}
     assert report.get("status") == "failed", done.stdout[-3000:] + done.stderr[-3000:]
     assert f"{len(SITES)} site(s) could not join the study" in report["error"] and code in report["error"], report["error"]
     assert {name: ledger_entries(c, name) for name in SITES} == before
@@ -179,6 +189,8 @@ def test_a_completed_runs_signed_config_replayed_as_a_new_run_is_refused_by_ever
         run_to_completion(consortium)
     assert consortium.completed is not None
     refused_everywhere(consortium, build_app_fab(PROJECT_ROOT), consortium.completed, tmp_path, "E-APPROVAL-REPLAY")
+    original = consortium.server.kit.runs_dir / "deployed-tcga" / str(consortium.completed[NONCE_KEY]) / "report.json"
+    assert json.loads(original.read_text())["status"] == "completed"  # the replay wrote beside the completed run, not over it
     assert all("a replayed signed run" in consortium.node_log(name) for name in SITES)
 
 
@@ -226,7 +238,7 @@ def test_admin_status_and_runs_go_through_the_admin_listener(consortium: Consort
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"via {admin.admin_address}: 3 site(s) in the roster, 3 node(s) registered, 3 online" in done.stdout, done.stdout
     assert "finished:completed" in done.stdout
-    assert "deployed-tcga: completed, round 2 done; mean over sites: c_index" in done.stdout, done.stdout
+    assert "deployed-tcga: completed, round 2 done; mean over sites: " in done.stdout and " c_index " in done.stdout, done.stdout  # the fetched metrics
     # Flower's own CLI, pointed at the admin listener with the CA but without the admin's certificate: refused at the handshake.
     home = flwr_home_for(consortium.kits / "ca" / "ca.crt", str(admin.admin_address), tmp_path / "flwr")
     listed = subprocess.run([str(Path(sys.executable).parent / "flwr"), "ls", "fedhelix"], env=flower_env(home), capture_output=True, text=True, timeout=120)

@@ -241,20 +241,22 @@ def test_killed_server_resumes_to_the_result_of_an_uninterrupted_run(federation:
 
     command = [str(Path(sys.executable).parent / "fedhelix"), "run", str(fed.study(study_name)), "--kit", str(fed.kits / "admin"), "--out", str(fed.root / "interrupted")]
     admin = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    run_dir = fed.root / "interrupted" / study_name
-    checkpointed = lambda: (run_dir / "checkpoint.pt").exists() and load_checkpoint(run_dir, study).round >= 1  # noqa: E731
+    run_dir = fed.root / "interrupted" / study_name  # the admin's: run-identity.json, then the results fetched
+    wait_for(lambda: admin.poll() is not None or (run_dir / "run-identity.json").exists(), "the run's identity")
+    on_server = fed.server.kit.runs_dir / study_name / json.loads((run_dir / "run-identity.json").read_text())["nonce"]  # where the ServerApp writes
+    checkpointed = lambda: (on_server / "checkpoint.pt").exists() and load_checkpoint(on_server, study).round >= 1  # noqa: E731
     wait_for(lambda: admin.poll() is not None or checkpointed(), "round 1's checkpoint")
     assert admin.poll() is None, admin.communicate()[0][-3000:]
     for proc in (fed.server.superlink, fed.server.gateway):  # the whole server host goes down: SuperLink, ServerApp, gateway
         kill_tree(proc.pid)
     admin.communicate(timeout=120)  # `fedhelix run` loses its stream and ends
-    done = load_checkpoint(run_dir, study).round
-    assert 1 <= done < study.rounds and not (run_dir / "report.json").exists()
+    done = load_checkpoint(on_server, study).round
+    assert 1 <= done < study.rounds and not (on_server / "report.json").exists() and not (run_dir / "checkpoint.pt").exists()
 
     fed.server = start_server(fed.kits / "server")  # same database: the nodes' keys are still registered
     lines: list[str] = []
     resumed = submit_study(fed.study(study_name), fed.kits / "admin", fed.root / "interrupted", resume=run_dir, on_line=lines.append, timeout_s=900)
-    assert any(f"resuming study '{study_name}' after round {done}" in line for line in lines)
+    assert any(f"resuming study '{study_name}' after round {done}" in line for line in lines)  # the ServerApp's line, from the server's checkpoint
     report = json.loads((resumed.out_dir / "report.json").read_text())
     expected = json.loads((reference.out_dir / "report.json").read_text())
     assert report["status"] == "completed"
