@@ -224,14 +224,15 @@ def submit_study(
     # `flwr run --stream` exits 0 even when the ServerApp failed: the report is the verdict.
     report_path = run_dir / "report.json"
     where = f"on the server host in the server kit's runs/{study_dirname(study.name)}/{identity.nonce}"
-    if not report_path.exists() and remote_status == "finished:completed":
-        if on_line is not None:
-            on_line(f"study '{study.name}' completed (run {run_id}); report.json, report.html and model.pt are {where}")
-        return Submission(run_id, run_dir, manifest, code, report_here=False)
-    if not report_path.exists() and remote_status is not None:
+    if not report_path.exists() and remote_status is not None and kit.admin_address is None:  # an older kit: results stay on the server
+        if remote_status == "finished:completed":
+            if on_line is not None:
+                on_line(f"study '{study.name}' completed (run {run_id}); report.json, report.html and model.pt are {where}")
+            return Submission(run_id, run_dir, manifest, code, report_here=False)
         raise FedhelixError(f"study '{study.name}' ended {remote_status} (run {run_id}); its report is {where}")
-    if not report_path.exists():
-        raise FedhelixError(f"study '{study.name}' ended without a report in {report_path.parent}; see the server's superlink.log")
+    if not report_path.exists():  # the server wrote none to fetch (or, on the server host, here)
+        status = f"run status {remote_status}" if remote_status else "no run status"
+        raise FedhelixError(f"study '{study.name}' ended without a report ({status}); see the server's superlink.log")
     report = json.loads(report_path.read_text())
     if report.get("status") != "completed":
         raise FedhelixError(f"study '{study.name}' {report.get('status')}: {report.get('error') or 'see report.html'}")
