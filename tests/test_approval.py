@@ -538,3 +538,13 @@ def test_fedhelix_run_signs_a_fresh_identity_and_retry_re_signs_it_with_the_next
     (run_dir / "run-identity.json").unlink()
     with pytest.raises(ConfigError, match="holds no run-identity.json"):
         submit.submit_study(STUDY, tmp_path / "kits" / "admin", tmp_path / "runs", retry=run_dir)
+
+    # An admin kit from before the admin listener (control_address on the server host): nothing to fetch,
+    # so a completed run's results are named where they stay, and a failed one says its status.
+    (tmp_path / "kits" / "admin" / "admin.toml").write_text('[admin]\nconsortium = "demo"\ncontrol_address = "127.0.0.1:9093"\n')
+    monkeypatch.setattr(submit, "flwr_json", lambda *args: {"runs": [{"status": "finished:completed"}]})
+    kept = submit.submit_study(STUDY, tmp_path / "kits" / "admin", tmp_path / "runs-old", on_line=lines.append)
+    assert not kept.report_here and any("are on the server host in the server kit's runs/" in line for line in lines)
+    monkeypatch.setattr(submit, "flwr_json", lambda *args: {"runs": [{"status": "finished:failed"}]})
+    with pytest.raises(submit.FedhelixError, match="ended finished:failed \\(run 4242424242\\); its report is on the server host"):
+        submit.submit_study(STUDY, tmp_path / "kits" / "admin", tmp_path / "runs-old", on_line=lines.append)
