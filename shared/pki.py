@@ -53,12 +53,9 @@ def _validity(days: int, not_before: dt.datetime | None) -> tuple[dt.datetime, d
     return start, start + dt.timedelta(days=days)
 
 
-def create_ca(consortium: str, days: int = 3650, not_before: dt.datetime | None = None) -> Identity:
-    """A self-signed CA that may sign end-entity certificates only (path length 0)."""
-    key = new_key()
-    name = _name(f"{consortium} consortium CA", consortium)
-    start, end = _validity(days, not_before)
-    cert = (
+def _self_signed_builder(key: ec.EllipticCurvePrivateKey, name: x509.Name, start: dt.datetime, end: dt.datetime) -> x509.CertificateBuilder:
+    """Subject = issuer = ``name``, ``key``'s public half, a random serial, valid from ``start`` to ``end``."""
+    return (
         x509.CertificateBuilder()
         .subject_name(name)
         .issuer_name(name)
@@ -66,6 +63,14 @@ def create_ca(consortium: str, days: int = 3650, not_before: dt.datetime | None 
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
         .not_valid_after(end)
+    )
+
+
+def create_ca(consortium: str, days: int = 3650, not_before: dt.datetime | None = None) -> Identity:
+    """A self-signed CA that may sign end-entity certificates only (path length 0)."""
+    key = new_key()
+    cert = (
+        _self_signed_builder(key, _name(f"{consortium} consortium CA", consortium), *_validity(days, not_before))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
@@ -124,15 +129,8 @@ def self_signed_server(host: str, hours: float = 24.0) -> Identity:
     """A throwaway self-signed TLS server certificate for ``host`` (the admin's local tunnel: trusted only by its own client)."""
     key = new_key()
     start = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
-    name = _name("fedhelix admin tunnel", "fedhelix")
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(hours=hours))
+        _self_signed_builder(key, _name("fedhelix admin tunnel", "fedhelix"), start, start + dt.timedelta(hours=hours))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
