@@ -199,7 +199,8 @@ def write_site(tmp_path: Path, name: str = "st-anne", n: int = 60, seed: int = 0
     frame["y"] = 2 * frame["a"] - frame["b"] + 0.1 * rng.normal(size=n)
     path = tmp_path / f"{name}.csv"
     frame.to_csv(path, index=False)
-    return parse_site({"site": {"name": name}, "data": {"path": str(path), "label": "y"}}, source="site.toml")
+    site = parse_site({"site": {"name": name}, "data": {"path": str(path), "label": "y"}}, source="site.toml")
+    return dataclasses.replace(site, path=tmp_path / f"{name}.toml")  # its audit log beside it (in tmp_path, not the working directory)
 
 
 def global_weights(plan: TrainingPlan, n_features: int = 3):
