@@ -368,15 +368,21 @@ def test_run_results_need_the_admin_certificate_and_the_site_gateway_never_serve
     assert len(reached) == before
 
 
-def test_the_admin_side_fetch_copies_the_runs_files_into_the_local_run_directory(kits: Path, admin_port: int, runs: Path, tmp_path: Path) -> None:
-    from server.admin_tunnel import fetch_results
-
+def remote_admin_kit(kits: Path, admin_port: int, tmp_path: Path) -> Path:
+    """The admin kit as it sits on the admin's own machine: its identity and the admin listener's address."""
     admin = tmp_path / "admin-kit"
     admin.mkdir()
     for name in ("admin.crt", "admin.key", "ca.crt"):
         (admin / name).write_bytes((kits / "ours" / "admin" / name).read_bytes())
     os.chmod(admin / "admin.key", 0o600)
     (admin / "admin.toml").write_text(f'[admin]\nconsortium = "adm"\nadmin_address = "127.0.0.1:{admin_port}"\n')
+    return admin
+
+
+def test_the_admin_side_fetch_copies_the_runs_files_into_the_local_run_directory(kits: Path, admin_port: int, runs: Path, tmp_path: Path) -> None:
+    from server.admin_tunnel import fetch_results
+
+    admin = remote_admin_kit(kits, admin_port, tmp_path)
     local = tmp_path / "runs" / "study-a"
     assert fetch_results(load_admin_kit(admin), NONCE, local) == ["report.json", "metrics.jsonl", "model.pt"]
     assert (local / "model.pt").read_bytes() == (runs / "study-a" / NONCE / "model.pt").read_bytes()
@@ -389,12 +395,7 @@ def test_status_brings_the_newest_local_run_up_to_date_from_the_server(kits: Pat
 
     from server.status import newest_local_run, refresh_from_server
 
-    admin = tmp_path / "admin-kit"
-    admin.mkdir()
-    for name in ("admin.crt", "admin.key", "ca.crt"):
-        (admin / name).write_bytes((kits / "ours" / "admin" / name).read_bytes())
-    os.chmod(admin / "admin.key", 0o600)
-    (admin / "admin.toml").write_text(f'[admin]\nconsortium = "adm"\nadmin_address = "127.0.0.1:{admin_port}"\n')
+    admin = remote_admin_kit(kits, admin_port, tmp_path)
     local = tmp_path / "runs" / "study-a"
     local.mkdir(parents=True)
     (local / "run-identity.json").write_text(json.dumps({"nonce": NONCE, "attempt": 1, "study_sha256": "x"}))
